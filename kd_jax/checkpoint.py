@@ -1,0 +1,86 @@
+"""orbax checkpoints of a run: the latest (for --resume) and the best, plus frozen restore.
+
+Layout under a workdir: ``checkpoints/latest/<step>`` and ``checkpoints/best/<step>``, each the
+whole train state (params, batch_stats, optimizer state, step) in orbax's own format. orbax
+writes into a temporary folder and renames it when complete, so a crash mid-write leaves the
+previous checkpoint as the latest.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from kd_jax.errors import KdError
+
+
+class RunCheckpoints:
+    """The two checkpoint series of one run."""
+
+    def __init__(self, workdir: str | Path, keep_latest: int = 2):
+        root = Path(workdir).absolute() / "checkpoints"
+        options = lambda keep: ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        self.latest = ocp.CheckpointManager(root / "latest", options=options(keep_latest))
+        self.best = ocp.CheckpointManager(root / "best", options=options(1))
+
+    def save(self, state: Any, is_best: bool) -> None:
+        step = int(state.step)
+        self.latest.save(step, args=ocp.args.StandardSave(state))
+        if is_best:
+            self.best.save(step, args=ocp.args.StandardSave(state))
+
+    def restore_latest(self, like: Any) -> Any | None:
+        """The latest complete state, shaped and sharded like ``like``; None when there is none."""
+        step = self.latest.latest_step()
+        if step is None:
+            return None
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        return self.latest.restore(step, args=ocp.args.StandardRestore(abstract))
+
+    def latest_path(self) -> Path:
+        return Path(self.latest.directory) / str(self.latest.latest_step())
+
+    def close(self) -> None:
+        """Block until async writes are on disk."""
+        self.latest.wait_until_finished()
+        self.best.wait_until_finished()
+        self.latest.close()
+        self.best.close()
+
+
+@dataclass(frozen=True)
+class FrozenModel:
+    """A trained model as a fixed function: its config and inference variables."""
+
+    config: dict  # the run's resolved config (model name, width, dataset, ...)
+    variables: dict  # {"params": ..., "batch_stats": ...}
+    checkpoint: Path
+
+
+def load_frozen(workdir: str | Path) -> FrozenModel:
+    """Restore the last checkpoint of a finished (or interrupted) run for inference."""
+    workdir = Path(workdir)
+    config_path = workdir / "config.json"
+    if not config_path.is_file():
+        raise KdError(f"{workdir}: not a kd-jax run (no config.json)")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise KdError(f"{config_path}: unreadable ({e})") from None
+    root = workdir / "checkpoints" / "latest"
+    steps = ocp.utils.checkpoint_steps(root) if root.is_dir() else []
+    if not steps:
+        raise KdError(f"{workdir}: no checkpoint found under {root}")
+    path = root / str(max(steps))
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            restored = checkpointer.restore(path / "default")
+    except Exception as e:  # orbax raises many kinds of errors for damaged files
+        raise KdError(f"{path}: corrupt or unreadable checkpoint ({type(e).__name__})") from None
+    variables = {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}
+    return FrozenModel(config, variables, path)

@@ -1,0 +1,175 @@
+"""One dataclass config per job: defaults < ``--config`` YAML < command-line flags.
+
+Every field is a flag of the same name (``train_subset`` -> ``--train-subset``), so a job can be
+shrunk to a CPU-sized run by flags alone and the YAML files list nothing the flags cannot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kd_jax.errors import KdError
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """What teacher training and distillation share."""
+
+    dataset: str = "cifar10"
+    data_dir: str | None = None  # else $KD_JAX_DATA_DIR, else download through tfds
+    workdir: str | None = None  # default runs/<job>-<timestamp>
+    epochs: int = 10
+    batch_size: int = 512
+    eval_batch_size: int = 1000
+    learning_rate: float = 0.4  # peak of the warmup + linear-decay schedule
+    warmup_epochs: float = 2.0
+    momentum: float = 0.9
+    weight_decay: float = 5e-4  # applied to kernels only, not to BN scales or biases
+    dtype: str = "auto"  # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU
+    crop_pad: int = 4  # random translation by up to this many pixels (0 = none)
+    flip: bool = True  # random horizontal flips
+    train_subset: int | None = None  # use only the first N training images
+    steps_per_dispatch: int = 0  # train steps per jitted call (0 = about 10 calls per epoch)
+    seed: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Raise ``KdError`` for the first setting that cannot work."""
+        checks = [
+            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.eval_batch_size >= 1,
+             f"eval_batch_size must be >= 1, got {self.eval_batch_size}"),
+            (self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}"),
+            (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
+            (self.crop_pad >= 0, f"crop_pad must be >= 0, got {self.crop_pad}"),
+            (self.steps_per_dispatch >= 0,
+             f"steps_per_dispatch must be >= 0, got {self.steps_per_dispatch}"),
+            (self.dtype in ("auto", "float32", "bfloat16"),
+             f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}"),
+            (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise KdError(message)
+
+
+@dataclasses.dataclass
+class TeacherConfig(RunConfig):
+    """``train_teacher.py``: a model trained on labels with cross-entropy."""
+
+    model: str = "resnet18"
+    width: int | None = None  # first-stage channels (resnet default 64)
+    label_smoothing: float = 0.0  # off: smoothed teachers distill worse (Mueller et al. 2019)
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0 <= self.label_smoothing < 1:
+            raise KdError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+
+@dataclasses.dataclass
+class DistillConfig(RunConfig):
+    """``distill.py``: a student trained on a frozen teacher's softened outputs."""
+
+    teacher_dir: str | None = None  # a teacher workdir; default the latest runs/teacher-*
+    student: str = "resnet18"
+    student_width: int | None = None
+    temperature: float = 4.0
+    alpha: float = 1.0  # weight of the soft term; 1 = labels are never read
+    omit_class: str | None = None  # drop this class from the transfer set (Hinton sec. 3)
+    holdout: int = 5000  # with omit_class: last N training images kept to choose the bias
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.temperature > 0:
+            raise KdError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 <= self.alpha <= 1:
+            raise KdError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.holdout < 1:
+            raise KdError(f"holdout must be >= 1, got {self.holdout}")
+
+
+def _field_types(cls: type) -> dict[str, type]:
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        out[f.name] = args[0] if args else hint
+    return out
+
+
+def _coerce(name: str, value: Any, kind: type, source: str) -> Any:
+    if value is None:
+        return None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    is_bool = isinstance(value, bool)
+    if not isinstance(value, kind) or is_bool != (kind is bool):
+        raise KdError(f"{source}: {name} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def load_yaml(path: str | Path, cls: type) -> dict[str, Any]:
+    """Read a YAML mapping of config keys; unknown keys and wrong types are errors."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise KdError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise KdError(f"{path}: not readable YAML ({reason})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise KdError(f"{path}: a config must be a mapping of keys to values, "
+                      f"found {type(data).__name__}")
+    kinds = _field_types(cls)
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in kinds:
+            raise KdError(f"{path}: unknown config key {key!r}")
+        out[name] = _coerce(name, value, kinds[name], str(path))
+    return out
+
+
+def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
+    """One ``--flag`` per config field (all default to "not given"), plus --config and --debug."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", help="YAML file of config keys (flags override it)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    for name, kind in _field_types(cls).items():
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            parser.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper())
+    return parser
+
+
+def resolve(cls: type, args: argparse.Namespace):  # noqa: ANN201 - returns an instance of cls
+    """Defaults, then the YAML file, then flags; validated."""
+    values = load_yaml(args.config, cls) if args.config else {}
+    values.update({k: v for k, v in vars(args).items()
+                   if k not in ("config", "debug") and v is not None})
+    config = cls(**values)
+    config.validate()
+    return config
+
+
+def to_json(config: RunConfig) -> str:
+    return json.dumps(dataclasses.asdict(config), indent=2, sort_keys=True)

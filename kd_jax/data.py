@@ -1,0 +1,304 @@
+"""CIFAR-10 sources -> validated uint8 arrays, and the augmentation that runs inside jit.
+
+Sources, in order: a local folder (``--data-dir`` or ``$KD_JAX_DATA_DIR``) in the standard
+*binary* layout (``data_batch_{1..5}.bin``, ``test_batch.bin``) or *python* layout
+(``cifar-10-batches-py``); else the official archive fetched once by tensorflow-datasets'
+download manager, checked against the checksum tfds registers for it, and cached.
+
+Everything returned is host numpy (uint8 NHWC images, int32 labels); the training loop puts it
+on the device once. Augmentation is pure jax on uint8 batches, so it runs inside the jitted step.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kd_jax.errors import KdError
+
+DATA_DIR_ENV = "KD_JAX_DATA_DIR"
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
+                   "dog", "frog", "horse", "ship", "truck")
+# Per-channel statistics of the official CIFAR-10 training set (fraction of 255).
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+_RECORD_BYTES = 1 + 32 * 32 * 3
+_BINARY_TRAIN = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
+_PYTHON_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A labelled image-classification dataset held in host memory."""
+
+    name: str
+    train_images: np.ndarray  # uint8 [N, H, W, C]
+    train_labels: np.ndarray  # int32 [N]
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    class_names: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return tuple(self.train_images.shape[1:])
+
+    def take_train(self, n: int | None) -> Dataset:
+        """The first ``n`` training images (all when ``n`` is None), for quick runs."""
+        if n is None:
+            return self
+        if not 1 <= n <= len(self.train_labels):
+            raise KdError(f"--train-subset must be in [1, {len(self.train_labels)}], got {n}")
+        return Dataset(self.name, self.train_images[:n], self.train_labels[:n], self.test_images,
+                       self.test_labels, self.class_names, self.mean, self.std)
+
+
+# --------------------------------------------------------------------------- binary layout
+def read_binary_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read one CIFAR-10 ``.bin`` file: records of 1 label byte + 3072 pixel bytes (CHW)."""
+    if not path.is_file():
+        raise KdError(f"{path}: file not found")
+    raw = np.fromfile(path, dtype=np.uint8)
+    if raw.size == 0 or raw.size % _RECORD_BYTES:
+        raise KdError(f"{path}: size {raw.size} bytes is not a positive multiple of "
+                      f"{_RECORD_BYTES} (truncated or not a CIFAR-10 binary batch)")
+    records = raw.reshape(-1, _RECORD_BYTES)
+    labels = records[:, 0].astype(np.int32)
+    images = records[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(images), _checked_labels(labels, path)
+
+
+def _checked_labels(labels: np.ndarray, path: Path, num_classes: int = 10) -> np.ndarray:
+    bad = (labels < 0) | (labels >= num_classes)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise KdError(f"{path}: label {int(labels[i])} at record {i} is outside "
+                      f"0..{num_classes - 1}")
+    return labels
+
+
+def _read_class_names(folder: Path, filename: str) -> tuple[str, ...]:
+    path = folder / filename
+    if not path.is_file():
+        return CIFAR10_CLASSES
+    names = tuple(line.strip() for line in path.read_text(errors="replace").splitlines()
+                  if line.strip())
+    if len(names) != 10:
+        raise KdError(f"{path}: expected 10 class names, found {len(names)}")
+    return names
+
+
+def load_binary_folder(folder: Path) -> Dataset:
+    """Load the standard binary layout (``cifar-10-batches-bin``)."""
+    train = [read_binary_batch(folder / name) for name in _BINARY_TRAIN]
+    test_images, test_labels = read_binary_batch(folder / "test_batch.bin")
+    return _cifar10(train, test_images, test_labels, _read_class_names(folder, "batches.meta.txt"))
+
+
+# --------------------------------------------------------------------------- python layout
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Admits plain containers, strings, numbers and numpy arrays; refuses every other global.
+
+    A pickle can name any importable callable and have it run at load time; the CIFAR python
+    batches only ever need numpy's array reconstruction, so nothing else is resolved.
+    """
+
+    _ALLOWED = {
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    }
+
+    def find_class(self, module: str, name: str):  # noqa: ANN201 - pickle's signature
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+
+
+def safe_unpickle(path: Path) -> object:
+    """Unpickle ``path`` with :class:`_RestrictedUnpickler`; any failure becomes a ``KdError``."""
+    if not path.is_file():
+        raise KdError(f"{path}: file not found")
+    try:
+        return _RestrictedUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
+    except Exception as e:  # a corrupt pickle can raise nearly anything
+        raise KdError(f"{path}: not a safe CIFAR-10 python batch "
+                      f"({type(e).__name__}: {e})") from None
+
+
+def read_python_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read one python-layout batch: a dict with ``data`` [N, 3072] uint8 and ``labels``."""
+    batch = safe_unpickle(path)
+    if not isinstance(batch, dict):
+        raise KdError(f"{path}: expected a dict, found {type(batch).__name__}")
+    batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    data, labels = batch.get("data"), batch.get("labels")
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
+            or data.shape[1] != 3072:
+        raise KdError(f"{path}: 'data' must be a uint8 array of shape [N, 3072]")
+    try:
+        labels = np.asarray(labels, dtype=np.int64)
+    except (TypeError, ValueError):
+        raise KdError(f"{path}: 'labels' must be a list of integers") from None
+    if labels.shape != (data.shape[0],):
+        raise KdError(f"{path}: {labels.size} labels for {data.shape[0]} images")
+    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(images), _checked_labels(labels.astype(np.int32), path)
+
+
+def load_python_folder(folder: Path) -> Dataset:
+    """Load the python layout (``cifar-10-batches-py``) without executing anything in it."""
+    train = [read_python_batch(folder / name) for name in _PYTHON_TRAIN]
+    test_images, test_labels = read_python_batch(folder / "test_batch")
+    names = CIFAR10_CLASSES
+    if (folder / "batches.meta").is_file():
+        meta = safe_unpickle(folder / "batches.meta")
+        raw = meta.get(b"label_names") if isinstance(meta, dict) else None
+        if isinstance(raw, list) and len(raw) == 10:
+            names = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in raw)
+    return _cifar10(train, test_images, test_labels, names)
+
+
+def _cifar10(train, test_images, test_labels, class_names) -> Dataset:
+    return Dataset("cifar10", np.concatenate([im for im, _ in train]),
+                   np.concatenate([lb for _, lb in train]), test_images, test_labels,
+                   class_names, CIFAR10_MEAN, CIFAR10_STD)
+
+
+# --------------------------------------------------------------------------- sources
+def find_cifar10_folder(root: Path) -> tuple[Path, str] | None:
+    """The folder holding a CIFAR-10 layout at or directly under ``root``, and which layout."""
+    for folder in (root, root / "cifar-10-batches-bin", root / "cifar-10-batches-py"):
+        if (folder / "data_batch_1.bin").exists() or (folder / "test_batch.bin").exists():
+            return folder, "binary"
+        if (folder / "data_batch_1").exists() or (folder / "test_batch").exists():
+            return folder, "python"
+    return None
+
+
+def load_cifar10(data_dir: str | os.PathLike | None = None) -> Dataset:
+    """Load CIFAR-10 from ``data_dir``, ``$KD_JAX_DATA_DIR``, or the tfds download cache."""
+    data_dir = data_dir or os.environ.get(DATA_DIR_ENV)
+    if not data_dir:
+        return load_binary_folder(download_cifar10())
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise KdError(f"{root}: data directory not found")
+    found = find_cifar10_folder(root)
+    if found is None:
+        raise KdError(f"{root}: no CIFAR-10 here (expected data_batch_1.bin .. test_batch.bin, "
+                      "or the cifar-10-batches-py files)")
+    folder, layout = found
+    return load_binary_folder(folder) if layout == "binary" else load_python_folder(folder)
+
+
+def default_cache_dir() -> Path:
+    """Where downloads are kept: ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets`` (tfds' own)."""
+    return Path(os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")).expanduser()
+
+
+def download_cifar10(cache_dir: Path | None = None) -> Path:
+    """Fetch and extract the official binary archive once; later calls are offline.
+
+    Uses tensorflow-datasets' download manager with the checksum tfds registers for the
+    archive (so a corrupted or tampered download is refused), but not ``tfds.load``, which
+    would need TensorFlow to prepare the dataset.
+    """
+    cache_dir = cache_dir or default_cache_dir()
+    extracted = cache_dir / "kd_jax" / "cifar-10-batches-bin"
+    if (extracted / "test_batch.bin").is_file():
+        return extracted
+    import tensorflow_datasets as tfds  # heavy; only when no local folder is given
+    from tensorflow_datasets.core.download import checksums
+
+    infos = checksums.load_url_infos(
+        Path(tfds.__file__).parent / "url_checksums" / "cifar10.txt")
+    manager = tfds.download.DownloadManager(
+        download_dir=cache_dir / "downloads", extract_dir=cache_dir / "downloads" / "extracted",
+        url_infos=infos, force_checksums_validation=True)
+    try:
+        archive = manager.download(CIFAR10_URL)
+        root = Path(manager.extract(archive))
+    except Exception as e:  # network or checksum failures, reported in one line
+        raise KdError(f"could not download CIFAR-10 ({type(e).__name__}: {e}); pass --data-dir "
+                      f"or set {DATA_DIR_ENV} to a local copy") from None
+    extracted.parent.mkdir(parents=True, exist_ok=True)
+    if not extracted.exists():
+        os.symlink(root / "cifar-10-batches-bin", extracted)
+    return extracted
+
+
+# --------------------------------------------------------------------------- augmentation
+def random_crop(key: jax.Array, images: jax.Array, pad: int) -> jax.Array:
+    """Translate each image by up to ``pad`` pixels in each direction, filling with zeros.
+
+    Equal to zero-padding by ``pad`` and cropping back at a random offset: the standard CIFAR
+    crop at pad 4, and the paper's MNIST input jitter at pad 2.
+    """
+    n, h, w, _ = images.shape
+    padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    offsets = jax.random.randint(key, (n, 2), 0, 2 * pad + 1)
+    crop = lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, im.shape[-1]))
+    return jax.vmap(crop)(padded, offsets)
+
+
+def random_flip(key: jax.Array, images: jax.Array) -> jax.Array:
+    """Mirror each image left-right with probability 1/2."""
+    flip = jax.random.bernoulli(key, 0.5, (images.shape[0], 1, 1, 1))
+    return jnp.where(flip, images[:, :, ::-1], images)
+
+
+def augment(key: jax.Array, images: jax.Array, crop_pad: int, flip: bool) -> jax.Array:
+    """The training augmentation for a uint8 batch; shapes and dtype are preserved."""
+    crop_key, flip_key = jax.random.split(key)
+    if crop_pad:
+        images = random_crop(crop_key, images, crop_pad)
+    if flip:
+        images = random_flip(flip_key, images)
+    return images
+
+
+def normalize(images: jax.Array, mean: tuple[float, ...], std: tuple[float, ...]) -> jax.Array:
+    """uint8 [0, 255] -> float32 standardised per channel."""
+    x = images.astype(jnp.float32) / 255.0
+    return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """The training-time pipeline from uint8 batches to model inputs, hashable for jit."""
+
+    crop_pad: int
+    flip: bool
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def apply(self, key: jax.Array, images: jax.Array) -> jax.Array:
+        """Augment, then normalise: what a training step feeds the model."""
+        return self.normalize(augment(key, images, self.crop_pad, self.flip))
+
+    def normalize(self, images: jax.Array) -> jax.Array:
+        """What evaluation feeds the model."""
+        return normalize(images, self.mean, self.std)
+
+
+def load_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Dataset:
+    """The dataset called ``name`` (see :data:`LOADERS`)."""
+    if name not in LOADERS:
+        raise KdError(f"unknown dataset {name!r}; choose one of: {', '.join(sorted(LOADERS))}")
+    return LOADERS[name](data_dir)
+
+
+LOADERS = {"cifar10": load_cifar10}

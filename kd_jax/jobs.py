@@ -1,0 +1,212 @@
+"""The two jobs: train a teacher on labels, and distill a student from a frozen teacher.
+
+Both share everything but the step and what the loop is fed: the teacher's loop gets
+``(images, labels)``; a label-free student's loop gets ``(images,)`` and a step that cannot
+take labels. Labels reach the student job's evaluation only.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from kd_jax import metrics
+from kd_jax.checkpoint import load_frozen
+from kd_jax.config import DistillConfig, RunConfig, TeacherConfig
+from kd_jax.data import Augmentation, Dataset, load_dataset
+from kd_jax.errors import KdError
+from kd_jax.models import count_params, create_model, init_variables
+from kd_jax.plots import plot_history
+from kd_jax.rundir import RunDir, format_table, latest_run
+from kd_jax.train import (
+    TrainState,
+    compute_dtype,
+    create_state,
+    fit,
+    make_distill_step,
+    make_mesh,
+    make_optimizer,
+    make_predict,
+    make_teacher_step,
+)
+
+
+def inference_variables(state: TrainState) -> dict:
+    return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+class _Job:
+    """What both jobs set up the same way: data, mesh, the student/teacher model, evaluation."""
+
+    def __init__(self, config: RunConfig, name: str, model: str, width: int | None):
+        self.config = config
+        self.dataset = load_dataset(config.dataset, config.data_dir).take_train(config.train_subset)
+        self.mesh: Mesh = make_mesh()
+        self.dtype = compute_dtype(config.dtype)
+        self.model = create_model(model, self.dataset.num_classes, width, self.dtype)
+        self.run = RunDir.prepare(config, name)
+        self.augmentation = Augmentation(config.crop_pad, config.flip, self.dataset.mean,
+                                         self.dataset.std)
+        self.predict = make_predict(self.model, self.augmentation, config.eval_batch_size,
+                                    self.mesh)
+        self.test_images = self.to_device(self.dataset.test_images)
+
+    def to_device(self, array: np.ndarray) -> jax.Array:
+        return jax.device_put(array, NamedSharding(self.mesh, P()))
+
+    def initial_state(self, num_train: int) -> TrainState:
+        c = self.config
+        steps_per_epoch = max(num_train // c.batch_size, 1)
+        tx, self.schedule = make_optimizer(c.learning_rate, c.weight_decay, c.momentum,
+                                           round(c.warmup_epochs * steps_per_epoch),
+                                           c.epochs * steps_per_epoch)
+        variables = init_variables(self.model, self.dataset.image_shape, c.seed)
+        return create_state(self.model, variables, tx)
+
+    def test_logits(self, state: TrainState) -> np.ndarray:
+        return np.asarray(self.predict(inference_variables(state), self.test_images))
+
+    def fit(self, step, state: TrainState, train_arrays: tuple, evaluate):
+        return fit(self.config, step, state, train_arrays, evaluate, self.schedule, self.run,
+                   self.augmentation, self.mesh)
+
+    def finish(self, summary: dict, history: list[dict], columns: list[str],
+               reference_accuracy: float | None = None) -> dict:
+        """Write summary.json and the plot, print the final table; returns the summary."""
+        self.run.write_summary(summary)
+        plot_history(history, self.run.plot_path, f"{summary['job']}: {summary['model']}",
+                     reference_accuracy)
+        print(format_table(history, ["epoch", *columns]))
+        print(f"final test accuracy {100 * summary['test_accuracy']:.2f}% "
+              f"(last epoch); outputs in {self.run.path}")
+        return summary
+
+    def describe(self, model_name: str, state: TrainState) -> dict:
+        return {"model": model_name, "params": count_params(state.params),
+                "dtype": self.dtype.name, "devices": self.mesh.size,
+                "train_images": len(self.dataset.train_labels), "workdir": str(self.run.path)}
+
+
+def train_teacher(config: TeacherConfig) -> dict:
+    """Train a model on labels with cross-entropy; returns (and writes) the summary."""
+    job = _Job(config, "teacher", config.model, config.width)
+    labels = job.dataset.test_labels
+    evaluate = lambda state: metrics.classification_metrics(job.test_logits(state), labels)
+    state = job.initial_state(len(job.dataset.train_labels))
+    state, history, timing = job.fit(make_teacher_step(config.label_smoothing), state,
+                                     (job.dataset.train_images, job.dataset.train_labels),
+                                     evaluate)
+    logits = job.test_logits(state)
+    summary = {"job": "teacher", **job.describe(config.model, state), **history[-1], **timing,
+               "per_class_accuracy": metrics.per_class_accuracy(logits, labels,
+                                                                job.dataset.class_names)}
+    return job.finish(summary, history, ["train_loss", "train_accuracy", "test_loss",
+                                         "test_accuracy", "epoch_seconds"])
+
+
+def class_id(dataset: Dataset, name: str) -> int:
+    if name not in dataset.class_names:
+        raise KdError(f"unknown class {name!r}; choose one of: {', '.join(dataset.class_names)}")
+    return dataset.class_names.index(name)
+
+
+def split_transfer_set(labels: np.ndarray, omit: int | None,
+                       holdout: int) -> tuple[np.ndarray, np.ndarray]:
+    """(transfer-set indices, held-out indices) into the training set.
+
+    Without an omitted class the student learns from every training image. With one, the last
+    ``holdout`` images are kept aside (to choose the omitted class's logit offset, so the test
+    set never picks it) and every image of the omitted class is dropped from the rest.
+    """
+    n = len(labels)
+    if omit is None:
+        return np.arange(n), np.arange(0)
+    if not holdout < n:
+        raise KdError(f"holdout {holdout} leaves no training images out of {n}")
+    kept = np.arange(n - holdout)
+    return kept[labels[kept] != omit], np.arange(n - holdout, n)
+
+
+def restore_teacher(workdir, job: _Job):
+    """The frozen teacher (model, device variables), checked against this run's data."""
+    frozen = load_frozen(workdir)
+    trained_on = frozen.config.get("dataset", "cifar10")
+    if trained_on != job.config.dataset:
+        raise KdError(f"{workdir}: the teacher was trained on {trained_on}, "
+                      f"this run uses {job.config.dataset}")
+    name, width = frozen.config.get("model"), frozen.config.get("width")
+    model = create_model(name, job.dataset.num_classes, width, job.dtype)
+    expected = jax.eval_shape(lambda: init_variables(model, job.dataset.image_shape, 0))
+    shapes = lambda tree: jax.tree.map(lambda a: tuple(a.shape), tree)
+    if shapes(expected) != shapes(frozen.variables):
+        head = [a.shape[-1] for a in jax.tree.leaves(frozen.variables["params"]) if a.ndim == 2]
+        if head and head[-1] != job.dataset.num_classes:
+            raise KdError(f"{workdir}: the teacher has {head[-1]} classes, "
+                          f"the data has {job.dataset.num_classes}")
+        raise KdError(f"{frozen.checkpoint}: checkpoint does not match the teacher model "
+                      f"{name} (width {width}) named in its config.json")
+    return name, model, jax.tree.map(job.to_device, frozen.variables)
+
+
+def distill(config: DistillConfig) -> dict:
+    """Train a student on a frozen teacher's softened outputs; returns (and writes) the summary."""
+    job = _Job(config, "distill", config.student, config.student_width)
+    dataset, labels = job.dataset, job.dataset.test_labels
+    teacher_dir = config.teacher_dir or latest_run("teacher")
+    teacher_name, teacher_model, teacher_variables = restore_teacher(teacher_dir, job)
+    teacher_logits = np.asarray(make_predict(teacher_model, job.augmentation,
+                                             config.eval_batch_size, job.mesh)(
+        teacher_variables, job.test_images))
+    teacher_accuracy = metrics.classification_metrics(teacher_logits, labels)["test_accuracy"]
+    omit = class_id(dataset, config.omit_class) if config.omit_class else None
+    transfer, held_out = split_transfer_set(dataset.train_labels, omit, config.holdout)
+
+    # The student's loop is handed images alone unless a hard-label term is asked for.
+    images = dataset.train_images[transfer]
+    train_arrays = (images,) if config.alpha == 1 else (images, dataset.train_labels[transfer])
+
+    def evaluate(state: TrainState) -> dict:
+        logits = job.test_logits(state)
+        return {**metrics.classification_metrics(logits, labels),
+                "agreement": metrics.agreement(logits, teacher_logits),
+                "test_kl": metrics.mean_kl(logits, teacher_logits),
+                "teacher_test_accuracy": teacher_accuracy}
+
+    step = make_distill_step(teacher_model.apply, teacher_variables, config.temperature,
+                             config.alpha)
+    state = job.initial_state(len(transfer))
+    state, history, timing = job.fit(step, state, train_arrays, evaluate)
+
+    logits = job.test_logits(state)
+    summary = {"job": "distill", **job.describe(config.student, state),
+               "teacher_dir": str(teacher_dir), "teacher_model": teacher_name,
+               "temperature": config.temperature, "alpha": config.alpha, **history[-1], **timing,
+               "per_class_accuracy": metrics.per_class_accuracy(logits, labels,
+                                                                dataset.class_names),
+               "teacher_per_class_accuracy": metrics.per_class_accuracy(
+                   teacher_logits, labels, dataset.class_names)}
+    if omit is not None:
+        held_logits = np.asarray(job.predict(inference_variables(state),
+                                             job.to_device(dataset.train_images[held_out])))
+        summary["omitted_class"] = omitted_class_report(
+            logits, labels, held_logits, dataset.train_labels[held_out], omit,
+            config.omit_class)
+    return job.finish(summary, history, ["distill_loss", "test_accuracy", "agreement",
+                                         "test_kl", "epoch_seconds"], teacher_accuracy)
+
+
+def omitted_class_report(test_logits: np.ndarray, test_labels: np.ndarray,
+                         held_logits: np.ndarray, held_labels: np.ndarray, omit: int,
+                         name: str) -> dict:
+    """Accuracy on the class the student never saw, before and after the logit offset
+    chosen on held-out training images (Hinton et al. 2015, sec. 3)."""
+    offset = metrics.best_logit_offset(held_logits, held_labels, [omit])
+    shifted = metrics.shift_logits(test_logits, [omit], offset)
+    of_class = test_labels == omit
+    return {"class": name, "holdout_images": len(held_labels),
+            "class_accuracy": float(np.mean(test_logits[of_class].argmax(-1) == omit)),
+            "offset": offset,
+            "class_accuracy_after_offset": float(np.mean(shifted[of_class].argmax(-1) == omit)),
+            "test_accuracy_after_offset": float(np.mean(shifted.argmax(-1) == test_labels))}

@@ -1,0 +1,351 @@
+"""The train state, the jitted steps and the epoch loop shared by teacher and student.
+
+A step is a pure function ``step(state, *batch, rng) -> (state, metrics)`` where ``batch`` is
+whatever the job trains on: ``(images, labels)`` for the teacher, ``(images,)`` alone for a
+label-free student. :func:`fit` runs any such step over device-resident arrays, several steps
+per dispatch (a ``lax.scan``), with augmentation inside the same jitted program.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training import train_state
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm.auto import tqdm
+
+from kd_jax import data
+from kd_jax.checkpoint import RunCheckpoints
+from kd_jax.config import RunConfig
+from kd_jax.errors import KdError
+from kd_jax.losses import cross_entropy, distillation_loss
+from kd_jax.rundir import RunDir, format_row
+
+Metrics = dict[str, jax.Array]
+StepFn = Callable[..., tuple["TrainState", Metrics]]
+
+
+class TrainState(train_state.TrainState):
+    """Flax's TrainState plus BatchNorm running statistics."""
+
+    batch_stats: Any = None
+
+
+def compute_dtype(name: str) -> jnp.dtype:
+    """``auto`` is bfloat16 on accelerators and float32 on CPU, where bf16 convs are slow."""
+    if name == "auto":
+        name = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    return jnp.dtype(name)
+
+
+def make_mesh() -> Mesh:
+    """A 1-D mesh over every device; batches are split along its ``data`` axis."""
+    return Mesh(np.array(jax.devices()), ("data",))
+
+
+def check_divisible(batch_size: int, mesh: Mesh, what: str = "batch_size") -> None:
+    if batch_size % mesh.size:
+        raise KdError(f"{what} {batch_size} is not divisible by the {mesh.size} devices in use")
+
+
+def make_optimizer(learning_rate: float, weight_decay: float, momentum: float,
+                   warmup_steps: int,
+                   total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """SGD with Nesterov momentum; linear warmup to the peak, then linear decay to zero.
+
+    Weight decay is applied to kernels only (ndim > 1): decaying BN scales and biases only
+    fights the normalisation.
+    """
+    warmup_steps = min(warmup_steps, total_steps - 1)
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(learning_rate / max(warmup_steps, 1), learning_rate, warmup_steps),
+         optax.linear_schedule(learning_rate, 0.0, total_steps - warmup_steps)],
+        [warmup_steps])
+    kernels_only = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+    return optax.chain(optax.add_decayed_weights(weight_decay, mask=kernels_only),
+                       optax.sgd(schedule, momentum=momentum, nesterov=True)), schedule
+
+
+def create_state(model: nn.Module, variables: dict, tx: optax.GradientTransformation) -> TrainState:
+    return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                             batch_stats=variables.get("batch_stats", {}))
+
+
+def _apply_train(state: TrainState, params: Any, images: jax.Array, rng: jax.Array):
+    """Forward in training mode: logits and the updated BatchNorm statistics."""
+    logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
+                                     images, train=True, mutable=["batch_stats"],
+                                     rngs={"dropout": rng})
+    return logits, updates["batch_stats"]
+
+
+def teacher_step(state: TrainState, images: jax.Array, labels: jax.Array, rng: jax.Array,
+                 label_smoothing: float = 0.0) -> tuple[TrainState, Metrics]:
+    """One cross-entropy step on labelled images."""
+    def objective(params):
+        logits, batch_stats = _apply_train(state, params, images, rng)
+        return cross_entropy(logits, labels, label_smoothing), (logits, batch_stats)
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+    return state, {"train_loss": loss, "train_accuracy": accuracy}
+
+
+def _soft_step(teacher_apply: Callable, temperature: float, alpha: float, teacher_variables: dict,
+               state: TrainState, images: jax.Array, labels: jax.Array | None,
+               rng: jax.Array) -> tuple[TrainState, Metrics]:
+    teacher_logits = jax.lax.stop_gradient(teacher_apply(teacher_variables, images, train=False))
+
+    def objective(params):
+        logits, batch_stats = _apply_train(state, params, images, rng)
+        loss = distillation_loss(logits, teacher_logits, temperature, alpha, labels)
+        return loss, (logits, batch_stats)
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    agreement = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(teacher_logits, -1))
+    return state, {"distill_loss": loss, "train_agreement": agreement}
+
+
+def _label_free_step(teacher_apply, temperature, teacher_variables, state, images, rng):
+    return _soft_step(teacher_apply, temperature, 1.0, teacher_variables, state, images, None, rng)
+
+
+def make_distill_step(teacher_apply: Callable, teacher_variables: dict, temperature: float,
+                      alpha: float = 1.0) -> StepFn:
+    """The student's step, closing over the frozen teacher.
+
+    The teacher runs in inference mode on exactly the augmented batch the student sees, and
+    only the student is differentiated. With ``alpha == 1`` the step is
+    ``step(state, images, rng)``: it has no way to receive labels; otherwise
+    ``step(state, images, labels, rng)``.
+
+    The closure is a ``jax.tree_util.Partial``: a pytree whose leaves are the teacher's
+    arrays, so when the step is handed to a jitted program they enter it as arguments. A plain
+    Python closure would bake ~45 MB of ResNet-18 weights into the compiled program as
+    constants. Nothing ever updates them: the teacher stays bit-identical.
+    """
+    if alpha == 1.0:
+        step = partial(_label_free_step, teacher_apply, temperature)
+    else:
+        step = partial(_soft_step, teacher_apply, temperature, alpha)
+    return jax.tree_util.Partial(step, teacher_variables)
+
+
+def make_teacher_step(label_smoothing: float = 0.0) -> StepFn:
+    """``teacher_step`` as a pytree callable, like :func:`make_distill_step`."""
+    return jax.tree_util.Partial(partial(teacher_step, label_smoothing=label_smoothing))
+
+
+# --------------------------------------------------------------------------- the hot loop
+@partial(jax.jit, static_argnames=("length", "augmentation", "mesh"), donate_argnames=("state",))
+def run_steps(step: StepFn, state: TrainState, arrays: tuple[jax.Array, ...], order: jax.Array,
+              num_steps: jax.Array, first: jax.Array, key: jax.Array, *, length: int,
+              augmentation: data.Augmentation, mesh: Mesh) -> tuple[TrainState, Metrics]:
+    """``length`` train steps in one dispatch: rows ``first ..`` of the epoch's index table.
+
+    Each step gathers its batch from the device-resident ``arrays`` by a row of ``order`` (the
+    epoch's [steps, batch] index table), shards it over the mesh's ``data`` axis, and augments
+    the images with a key derived from the global step number alone, so a resumed run sees
+    the same batches. Metrics come back stacked, one entry per step.
+
+    With ``length > 1`` the steps run in a ``lax.scan``; ``order`` is then padded to whole
+    dispatches and rows at or past ``num_steps`` leave the state untouched (one compilation
+    for every dispatch). With ``length == 1`` there is no control flow at all: XLA:CPU runs
+    convolutions inside loops and conditionals ~15x slower than at the top level (measured
+    on this project's 2-core CPU), so CPUs take one step per dispatch.
+    """
+    batch_sharding = NamedSharding(mesh, P("data"))
+
+    def train(state, row):
+        aug_key, step_key = jax.random.split(jax.random.fold_in(key, state.step))
+        batch = [jax.lax.with_sharding_constraint(a[order[row]], batch_sharding) for a in arrays]
+        batch[0] = augmentation.apply(aug_key, batch[0])
+        return step(state, *batch, step_key)
+
+    if length == 1:
+        state, metrics = train(state, first)
+        return state, jax.tree.map(lambda m: m[None], metrics)
+
+    def skip(state, row):
+        metrics = jax.eval_shape(train, state, row)[1]
+        return state, jax.tree.map(lambda m: jnp.full(m.shape, jnp.nan, m.dtype), metrics)
+
+    def guarded(state, row):
+        return jax.lax.cond(row < num_steps, train, skip, state, row)
+
+    return jax.lax.scan(guarded, state, first + jnp.arange(length))
+
+
+def default_steps_per_dispatch() -> int:
+    """One step per dispatch on CPU (see :func:`run_steps`), ten under a scan elsewhere."""
+    return 1 if jax.default_backend() == "cpu" else 10
+
+
+def epoch_order(key: jax.Array, epoch: int, num_examples: int, batch_size: int,
+                padded_steps: int) -> jax.Array:
+    """The epoch's shuffled [padded_steps, batch_size] index table (a partial batch is dropped).
+
+    Depends on the seed's key and the epoch number only.
+    """
+    steps = num_examples // batch_size
+    perm = jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
+    order = perm[: steps * batch_size].reshape(steps, batch_size)
+    return jnp.pad(order, ((0, padded_steps - steps), (0, 0)))
+
+
+def make_predict(model: nn.Module, augmentation: data.Augmentation, batch_size: int,
+                 mesh: Mesh) -> Callable[[dict, jax.Array], jax.Array]:
+    """``predict(variables, uint8_images) -> float32 logits`` in inference mode, batched on device.
+
+    Images are padded to whole batches and mapped over in one dispatch; each batch is sharded
+    over the mesh.
+    """
+    check_divisible(batch_size, mesh, "eval_batch_size")
+    batch_sharding = NamedSharding(mesh, P("data"))
+
+    @jax.jit
+    def predict(variables: dict, images: jax.Array) -> jax.Array:
+        n = images.shape[0]
+        padded = math.ceil(n / batch_size) * batch_size
+        images = jnp.pad(images, ((0, padded - n),) + ((0, 0),) * (images.ndim - 1))
+
+        def one(batch):
+            batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
+            return model.apply(variables, augmentation.normalize(batch), train=False)
+
+        logits = jax.lax.map(one, images.reshape(-1, batch_size, *images.shape[1:]))
+        return logits.reshape(padded, -1)[:n]
+
+    return predict
+
+
+def fit(config: RunConfig, step: StepFn, state: TrainState, train_arrays: Sequence[np.ndarray],
+        evaluate: Callable[[TrainState], dict], schedule: optax.Schedule, run: RunDir,
+        augmentation: data.Augmentation, mesh: Mesh) -> tuple[TrainState, list[dict], dict]:
+    """The epoch loop shared by teacher and student.
+
+    Trains ``step`` over ``train_arrays`` (images first) for ``config.epochs``, evaluates and
+    checkpoints after every epoch, and appends a metrics row per epoch. Returns the final
+    state, every epoch's metrics, and timing figures (compile time kept apart).
+
+    Dispatches are asynchronous; metrics are fetched (and checked for NaN) about ten times an
+    epoch, so the host never makes the device wait in between.
+    """
+    num_examples = len(train_arrays[0])
+    steps_per_epoch = num_examples // config.batch_size
+    if steps_per_epoch == 0:
+        raise KdError(f"batch_size {config.batch_size} exceeds the {num_examples} training images")
+    check_divisible(config.batch_size, mesh)
+    per_dispatch = min(config.steps_per_dispatch or default_steps_per_dispatch(), steps_per_epoch)
+    padded_steps = math.ceil(steps_per_epoch / per_dispatch) * per_dispatch
+    fetch_every = max(per_dispatch, steps_per_epoch // 10)
+
+    replicated = NamedSharding(mesh, P())
+    arrays = tuple(jax.device_put(a, replicated) for a in train_arrays)
+    state = jax.device_put(state, replicated)
+    checkpoints = RunCheckpoints(run.path)
+    history: list[dict] = []
+    if config.resume:
+        restored = checkpoints.restore_latest(state)
+        if restored is not None:
+            state = restored
+            history = run.read_metrics(up_to_epoch=int(state.step) // steps_per_epoch)
+    run.write_metrics(history)
+    order_key, step_key = jax.random.split(jax.random.key(config.seed))
+    num_steps = np.int32(steps_per_epoch)
+
+    start = time.perf_counter()
+    order = epoch_order(order_key, 0, num_examples, config.batch_size, padded_steps)
+    compiled = run_steps.lower(step, state, arrays, order, num_steps, np.int32(0), step_key,
+                               length=per_dispatch, augmentation=augmentation,
+                               mesh=mesh).compile()
+    timing = {"compile_seconds": time.perf_counter() - start, "train_seconds": 0.0}
+
+    start_step = int(state.step)
+    best = max((row["test_accuracy"] for row in history), default=-1.0)
+    try:
+        for epoch in range(start_step // steps_per_epoch, config.epochs):
+            order = epoch_order(order_key, epoch, num_examples, config.batch_size, padded_steps)
+            first_row = max(start_step - epoch * steps_per_epoch, 0)
+            meter = _EpochMeter(steps_per_epoch, first_row, config.batch_size, epoch,
+                                f"epoch {epoch + 1}/{config.epochs}", config.progress)
+            pending = []
+            for first in range(first_row, steps_per_epoch, per_dispatch):
+                state, metrics = compiled(step, state, arrays, order, num_steps, np.int32(first),
+                                          step_key)
+                pending.append(metrics)
+                if first + per_dispatch >= min(steps_per_epoch, meter.done + fetch_every):
+                    meter.add(pending, run)
+                    pending = []
+            epoch_seconds = meter.close()
+            start = time.perf_counter()
+            row = {"epoch": epoch + 1, "step": int(state.step), **meter.means(),
+                   **evaluate(state), "learning_rate": float(schedule(int(state.step) - 1)),
+                   "images_per_second": meter.images / epoch_seconds,
+                   "epoch_seconds": epoch_seconds, "eval_seconds": time.perf_counter() - start}
+            timing["train_seconds"] += epoch_seconds
+            history.append(row)
+            checkpoints.save(state, is_best=row["test_accuracy"] > best)
+            best = max(best, row["test_accuracy"])
+            run.write_metrics(history)
+            if config.progress:
+                print(format_row(row), flush=True)
+    finally:
+        checkpoints.close()
+    timing["checkpoint"] = str(checkpoints.latest_path())
+    return state, history, timing
+
+
+class _EpochMeter:
+    """Per-epoch bookkeeping: fetched metrics, the NaN check, the progress bar, the clock."""
+
+    def __init__(self, steps: int, first: int, batch_size: int, epoch: int, desc: str,
+                 show: bool):
+        self.steps, self.done, self.batch_size, self.epoch = steps, first, batch_size, epoch
+        self.first = first
+        self.sums: dict[str, float] = {}
+        self.bar = tqdm(total=steps, initial=first, disable=not show, desc=desc, unit="step",
+                        leave=False)
+        self.start = time.perf_counter()
+
+    @property
+    def images(self) -> int:
+        return (self.done - self.first) * self.batch_size
+
+    def add(self, pending: list[Metrics], run: RunDir) -> None:
+        """Fetch the metrics of finished dispatches; stop on a non-finite loss."""
+        fetched = {k: np.concatenate([np.asarray(m[k]) for m in pending]) for k in pending[0]}
+        fetched = {k: v[: self.steps - self.done] for k, v in fetched.items()}  # drop padding
+        loss_name = next(k for k in fetched if k.endswith("loss"))
+        losses = fetched[loss_name]
+        if not np.all(np.isfinite(losses)):
+            bad = self.epoch * self.steps + self.done + int(np.argmin(np.isfinite(losses))) + 1
+            raise KdError(f"non-finite {loss_name} at step {bad}; stopped, the last good "
+                          f"checkpoint is kept in {run.path / 'checkpoints'}")
+        for k, v in fetched.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v.sum())
+        self.done += len(losses)
+        self.bar.update(len(losses))
+        elapsed = time.perf_counter() - self.start
+        self.bar.set_postfix({loss_name: f"{losses[-1]:.3f}",
+                              "img/s": f"{self.images / elapsed:.0f}"})
+
+    def means(self) -> dict[str, float]:
+        return {k: v / (self.done - self.first) for k, v in self.sums.items()}
+
+    def close(self) -> float:
+        """Seconds since the epoch began (all its metrics were fetched: the device is done)."""
+        self.bar.close()
+        return time.perf_counter() - self.start
