@@ -72,15 +72,19 @@ def load_frozen(workdir: str | Path) -> FrozenModel:
         config = json.loads(config_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise KdError(f"{config_path}: unreadable ({e})") from None
-    root = workdir / "checkpoints" / "latest"
-    steps = ocp.utils.checkpoint_steps(root) if root.is_dir() else []
-    if not steps:
+    root = (workdir / "checkpoints" / "latest").absolute()
+    if not root.is_dir():
         raise KdError(f"{workdir}: no checkpoint found under {root}")
-    path = root / str(max(steps))
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
-            restored = checkpointer.restore(path / "default")
+        with ocp.CheckpointManager(root) as manager:
+            step = manager.latest_step()
+            if step is None:
+                raise KdError(f"{workdir}: no checkpoint found under {root}")
+            restored = manager.restore(step, args=ocp.args.StandardRestore())
+    except KdError:
+        raise
     except Exception as e:  # orbax raises many kinds of errors for damaged files
-        raise KdError(f"{path}: corrupt or unreadable checkpoint ({type(e).__name__})") from None
+        raise KdError(f"{root}: corrupt or unreadable checkpoint ({type(e).__name__})") from None
+    path = root / str(step)
     variables = {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}
     return FrozenModel(config, variables, path)

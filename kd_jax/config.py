@@ -13,8 +13,6 @@ import typing
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from kd_jax.errors import KdError
 
 
@@ -72,11 +70,14 @@ class TeacherConfig(RunConfig):
     model: str = "resnet18"
     width: int | None = None  # first-stage channels (resnet default 64)
     label_smoothing: float = 0.0  # off: smoothed teachers distill worse (Mueller et al. 2019)
+    validation: int = 0  # hold out the last N training images, report val_accuracy (tuning)
 
     def validate(self) -> None:
         super().validate()
         if not 0 <= self.label_smoothing < 1:
             raise KdError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.validation < 0:
+            raise KdError(f"validation must be >= 0, got {self.validation}")
 
 
 @dataclasses.dataclass
@@ -124,6 +125,8 @@ def _coerce(name: str, value: Any, kind: type, source: str) -> Any:
 
 def load_yaml(path: str | Path, cls: type) -> dict[str, Any]:
     """Read a YAML mapping of config keys; unknown keys and wrong types are errors."""
+    import yaml  # only when a config file is given
+
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())

@@ -93,11 +93,22 @@ def train_teacher(config: TeacherConfig) -> dict:
     """Train a model on labels with cross-entropy; returns (and writes) the summary."""
     job = _Job(config, "teacher", config.model, config.width)
     labels = job.dataset.test_labels
-    evaluate = lambda state: metrics.classification_metrics(job.test_logits(state), labels)
-    state = job.initial_state(len(job.dataset.train_labels))
+    images, train_labels = job.dataset.train_images, job.dataset.train_labels
+    num_train = len(train_labels) - config.validation
+    if num_train < 1:
+        raise KdError(f"validation {config.validation} leaves no training images")
+    val_images, val_labels = job.to_device(images[num_train:]), train_labels[num_train:]
+
+    def evaluate(state: TrainState) -> dict:
+        scores = metrics.classification_metrics(job.test_logits(state), labels)
+        if config.validation:
+            val_logits = np.asarray(job.predict(inference_variables(state), val_images))
+            scores |= metrics.classification_metrics(val_logits, val_labels, prefix="val")
+        return scores
+
+    state = job.initial_state(num_train)
     state, history, timing = job.fit(make_teacher_step(config.label_smoothing), state,
-                                     (job.dataset.train_images, job.dataset.train_labels),
-                                     evaluate)
+                                     (images[:num_train], train_labels[:num_train]), evaluate)
     logits = job.test_logits(state)
     summary = {"job": "teacher", **job.describe(config.model, state), **history[-1], **timing,
                "per_class_accuracy": metrics.per_class_accuracy(logits, labels,

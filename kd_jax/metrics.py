@@ -11,11 +11,12 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
-def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+def classification_metrics(logits: np.ndarray, labels: np.ndarray,
+                           prefix: str = "test") -> dict[str, float]:
     """Mean cross-entropy and top-1 accuracy against integer labels."""
     log_probs = log_softmax(logits)
-    return {"test_loss": float(-log_probs[np.arange(len(labels)), labels].mean()),
-            "test_accuracy": float(np.mean(logits.argmax(-1) == labels))}
+    return {f"{prefix}_loss": float(-log_probs[np.arange(len(labels)), labels].mean()),
+            f"{prefix}_accuracy": float(np.mean(logits.argmax(-1) == labels))}
 
 
 def per_class_accuracy(logits: np.ndarray, labels: np.ndarray,

@@ -7,8 +7,16 @@ from pathlib import Path
 
 def plot_history(history: list[dict], path: Path, title: str,
                  reference_accuracy: float | None = None) -> None:
-    """Loss and accuracy against epoch; ``reference_accuracy`` (the teacher's) as a dashed line."""
-    import matplotlib
+    """Loss and accuracy against epoch; ``reference_accuracy`` (the teacher's) as a dashed line.
+
+    Skipped with a note where matplotlib is missing (e.g. a bare accelerator image): the
+    metrics are on disk and can be plotted later.
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"matplotlib is not installed: {path} not written")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
