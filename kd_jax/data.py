@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,6 +120,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
     _ALLOWED = {
         ("numpy", "ndarray"), ("numpy", "dtype"),
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 store bytes
     }
 
     def find_class(self, module: str, name: str):  # noqa: ANN201 - pickle's signature
@@ -209,34 +211,42 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")).expanduser()
 
 
-def download_cifar10(cache_dir: Path | None = None) -> Path:
+def registered_url_infos() -> dict:
+    """The size and sha256 that tensorflow-datasets registers for the official archive."""
+    import tensorflow_datasets as tfds  # heavy; only when downloading
+    from tensorflow_datasets.core.download import checksums
+
+    return checksums.load_url_infos(Path(tfds.__file__).parent / "url_checksums" / "cifar10.txt")
+
+
+def download_cifar10(cache_dir: Path | None = None, url: str = CIFAR10_URL,
+                     url_infos: dict | None = None) -> Path:
     """Fetch and extract the official binary archive once; later calls are offline.
 
-    Uses tensorflow-datasets' download manager with the checksum tfds registers for the
-    archive (so a corrupted or tampered download is refused), but not ``tfds.load``, which
-    would need TensorFlow to prepare the dataset.
+    The download goes through tensorflow-datasets' download manager, which refuses a file
+    whose size or sha256 differs from what tfds registers for it (``url_infos``). We extract
+    with ``tarfile`` rather than the manager, whose extraction needs TensorFlow, and we do not
+    use ``tfds.load``, whose dataset preparation needs TensorFlow too.
     """
-    cache_dir = cache_dir or default_cache_dir()
+    cache_dir = Path(cache_dir or default_cache_dir())
     extracted = cache_dir / "kd_jax" / "cifar-10-batches-bin"
     if (extracted / "test_batch.bin").is_file():
         return extracted
-    import tensorflow_datasets as tfds  # heavy; only when no local folder is given
-    from tensorflow_datasets.core.download import checksums
+    import tensorflow_datasets as tfds
 
-    infos = checksums.load_url_infos(
-        Path(tfds.__file__).parent / "url_checksums" / "cifar10.txt")
-    manager = tfds.download.DownloadManager(
-        download_dir=cache_dir / "downloads", extract_dir=cache_dir / "downloads" / "extracted",
-        url_infos=infos, force_checksums_validation=True)
     try:
-        archive = manager.download(CIFAR10_URL)
-        root = Path(manager.extract(archive))
-    except Exception as e:  # network or checksum failures, reported in one line
-        raise KdError(f"could not download CIFAR-10 ({type(e).__name__}: {e}); pass --data-dir "
-                      f"or set {DATA_DIR_ENV} to a local copy") from None
-    extracted.parent.mkdir(parents=True, exist_ok=True)
-    if not extracted.exists():
-        os.symlink(root / "cifar-10-batches-bin", extracted)
+        manager = tfds.download.DownloadManager(
+            download_dir=cache_dir / "downloads", force_checksums_validation=True,
+            url_infos=registered_url_infos() if url_infos is None else url_infos)
+        archive = Path(manager.download(url))
+        with tarfile.open(archive) as tar:
+            tar.extractall(extracted.parent, filter="data")
+    except Exception as e:  # network, checksum and archive failures, reported in one line
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise KdError(f"could not download CIFAR-10 ({type(e).__name__}: {reason}); pass "
+                      f"--data-dir or set {DATA_DIR_ENV} to a local copy") from None
+    if not (extracted / "test_batch.bin").is_file():
+        raise KdError(f"{archive}: the archive holds no cifar-10-batches-bin/test_batch.bin")
     return extracted
 
 

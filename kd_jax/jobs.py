@@ -46,12 +46,16 @@ class _Job:
         self.mesh: Mesh = make_mesh()
         self.dtype = compute_dtype(config.dtype)
         self.model = create_model(model, self.dataset.num_classes, width, self.dtype)
-        self.run = RunDir.prepare(config, name)
+        self.name = name
         self.augmentation = Augmentation(config.crop_pad, config.flip, self.dataset.mean,
                                          self.dataset.std)
         self.predict = make_predict(self.model, self.augmentation, config.eval_batch_size,
                                     self.mesh)
         self.test_images = self.to_device(self.dataset.test_images)
+
+    def open_run(self) -> None:
+        """Create the workdir, once every input has been checked (a failed start leaves none)."""
+        self.run = RunDir.prepare(self.config, self.name)
 
     def to_device(self, array: np.ndarray) -> jax.Array:
         return jax.device_put(array, NamedSharding(self.mesh, P()))
@@ -98,6 +102,7 @@ def train_teacher(config: TeacherConfig) -> dict:
     if num_train < 1:
         raise KdError(f"validation {config.validation} leaves no training images")
     val_images, val_labels = job.to_device(images[num_train:]), train_labels[num_train:]
+    job.open_run()
 
     def evaluate(state: TrainState) -> dict:
         scores = metrics.classification_metrics(job.test_logits(state), labels)
@@ -165,14 +170,15 @@ def distill(config: DistillConfig) -> dict:
     """Train a student on a frozen teacher's softened outputs; returns (and writes) the summary."""
     job = _Job(config, "distill", config.student, config.student_width)
     dataset, labels = job.dataset, job.dataset.test_labels
+    omit = class_id(dataset, config.omit_class) if config.omit_class else None
     teacher_dir = config.teacher_dir or latest_run("teacher")
     teacher_name, teacher_model, teacher_variables = restore_teacher(teacher_dir, job)
     teacher_logits = np.asarray(make_predict(teacher_model, job.augmentation,
                                              config.eval_batch_size, job.mesh)(
         teacher_variables, job.test_images))
     teacher_accuracy = metrics.classification_metrics(teacher_logits, labels)["test_accuracy"]
-    omit = class_id(dataset, config.omit_class) if config.omit_class else None
     transfer, held_out = split_transfer_set(dataset.train_labels, omit, config.holdout)
+    job.open_run()
 
     # The student's loop is handed images alone unless a hard-label term is asked for.
     images = dataset.train_images[transfer]

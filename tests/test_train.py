@@ -1,0 +1,166 @@
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import cifar_records
+from kd_jax import jobs
+from kd_jax.checkpoint import RunCheckpoints, load_frozen
+from kd_jax.config import DistillConfig, TeacherConfig
+from kd_jax.data import Augmentation
+from kd_jax.losses import tempered_kl
+from kd_jax.models import create_model, init_variables
+from kd_jax.rundir import RunDir
+from kd_jax.train import create_state, make_distill_step, make_optimizer, make_teacher_step
+
+AUG = Augmentation(0, False, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+TIMING = {"images_per_second", "epoch_seconds", "eval_seconds"}
+
+
+def small_state(width: int, seed: int = 0, lr: float = 0.05):
+    model = create_model("resnet8", 10, width)
+    tx, _ = make_optimizer(lr, 5e-4, 0.9, 0, 100)
+    return model, create_state(model, init_variables(model, (32, 32, 3), seed), tx)
+
+
+def fixed_batch(n=32, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n)
+    images = np.clip(labels[:, None, None, None] * 25 + rng.integers(-20, 21, (n, 32, 32, 3)),
+                     0, 255).astype(np.uint8)
+    return AUG.normalize(jnp.asarray(images)), jnp.asarray(labels)
+
+
+def test_teacher_step_lowers_the_loss_on_a_fixed_batch():
+    _, state = small_state(8)
+    images, labels = fixed_batch()
+    step = jax.jit(make_teacher_step())
+    losses = []
+    for i in range(15):
+        state, metrics = step(state, images, labels, jax.random.key(i))
+        losses.append(float(metrics["train_loss"]))
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_distill_step_drives_kl_down_and_never_touches_the_teacher():
+    teacher, teacher_state = small_state(8, seed=1)
+    teacher_vars = {"params": teacher_state.params, "batch_stats": teacher_state.batch_stats}
+    before = jax.tree.map(np.array, teacher_vars)
+    _, state = small_state(4, seed=2)
+    images, _ = fixed_batch()
+    step = make_distill_step(teacher.apply, teacher_vars, temperature=4.0)
+    run = jax.jit(lambda step, state, images, rng: step(state, images, rng))
+    teacher_logits = teacher.apply(teacher_vars, images)
+
+    def kl(state):
+        logits = state.apply_fn({"params": state.params, "batch_stats": state.batch_stats}, images)
+        return float(tempered_kl(logits, teacher_logits, 1.0))
+
+    start = kl(state)
+    for i in range(30):
+        state, _ = run(step, state, images, jax.random.key(i))
+    assert kl(state) < 0.5 * start
+    after = jax.tree.map(np.array, teacher_vars)
+    assert all(np.array_equal(a, b) for a, b in
+               zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True))
+
+
+def test_label_free_step_cannot_receive_labels():
+    teacher, state = small_state(4)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    step = make_distill_step(teacher.apply, variables, temperature=4.0)
+    images, labels = fixed_batch(8)
+    with pytest.raises(TypeError):
+        step(state, images, labels, jax.random.key(0))
+    mixed = make_distill_step(teacher.apply, variables, temperature=4.0, alpha=0.5)
+    mixed(state, images, labels, jax.random.key(0))  # the hard-label variant takes them
+
+
+def test_omit_class_removes_every_image_of_that_class():
+    labels = np.arange(1000) % 10
+    transfer, held_out = jobs.split_transfer_set(labels, 3, 100)
+    assert not np.any(labels[transfer] == 3)
+    assert len(transfer) == 900 - 90 and held_out.tolist() == list(range(900, 1000))
+    everything, none = jobs.split_transfer_set(labels, None, 100)
+    assert len(everything) == 1000 and len(none) == 0
+
+
+def test_checkpoint_round_trip(tmp_path):
+    _, state = small_state(4)
+    checkpoints = RunCheckpoints(tmp_path)
+    checkpoints.save(state.replace(step=7), is_best=True)
+    checkpoints.close()
+    restored = RunCheckpoints(tmp_path).restore_latest(state)
+    assert int(restored.step) == 7
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(restored.params), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def teacher_config(data_dir, workdir, **overrides):
+    base = dict(data_dir=str(data_dir), workdir=str(workdir), epochs=2, batch_size=40,
+                eval_batch_size=40, model="resnet8", width=4, progress=False)
+    return TeacherConfig(**{**base, **overrides})
+
+
+def metrics_without_timing(workdir):
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def params_of(workdir):
+    return jax.tree.leaves(load_frozen(workdir).variables)
+
+
+def test_resumed_run_equals_uninterrupted_run(tiny_cifar, tmp_path, monkeypatch):
+    jobs.train_teacher(teacher_config(tiny_cifar, tmp_path / "straight"))
+
+    calls = {"n": 0}
+    original = RunDir.write_metrics
+
+    def crash_after_first_epoch(self, rows):
+        original(self, rows)
+        calls["n"] += 1
+        if calls["n"] == 2:  # once at start, once after epoch 1 (its checkpoint is saved)
+            raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(RunDir, "write_metrics", crash_after_first_epoch)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        jobs.train_teacher(teacher_config(tiny_cifar, tmp_path / "resumed"))
+    monkeypatch.setattr(RunDir, "write_metrics", original)
+    jobs.train_teacher(teacher_config(tiny_cifar, tmp_path / "resumed", resume=True))
+
+    assert metrics_without_timing(tmp_path / "resumed") == metrics_without_timing(
+        tmp_path / "straight")
+    for a, b in zip(params_of(tmp_path / "resumed"), params_of(tmp_path / "straight"),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_student_never_sees_training_labels(tiny_cifar, tmp_path):
+    """Permuting every training label leaves the distilled student bit-identical."""
+    teacher_dir = tmp_path / "teacher"
+    jobs.train_teacher(teacher_config(tiny_cifar, teacher_dir, epochs=1))
+    shuffled = tmp_path / "shuffled"
+    shuffled.mkdir()
+    for path in tiny_cifar.iterdir():
+        records = np.frombuffer(path.read_bytes(), np.uint8).reshape(-1, 3073).copy()
+        if path.name.startswith("data_batch"):
+            records[:, 0] = (records[:, 0] + 3) % 10
+        (shuffled / path.name).write_bytes(records.tobytes())
+
+    def student(data_dir, name):
+        jobs.distill(DistillConfig(data_dir=str(data_dir), workdir=str(tmp_path / name),
+                                   teacher_dir=str(teacher_dir), epochs=1, batch_size=40,
+                                   eval_batch_size=40, student="resnet8", student_width=4,
+                                   progress=False))
+        return params_of(tmp_path / name)
+
+    for a, b in zip(student(tiny_cifar, "true"), student(shuffled, "permuted"), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_records_helper_labels_survive(tmp_path):
+    raw = np.frombuffer(cifar_records(np.array([7, 2]), 0), np.uint8).reshape(2, 3073)
+    assert raw[:, 0].tolist() == [7, 2]
