@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import cifar_records, write_cifar_binary
+
 from kd_jax import data
 from kd_jax.errors import KdError
 

@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import cifar_records
+
 from kd_jax import jobs
 from kd_jax.checkpoint import RunCheckpoints, load_frozen
 from kd_jax.config import DistillConfig, TeacherConfig
