@@ -27,19 +27,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from kd_jax.checkpoint import FrozenModel, load_frozen
 from kd_jax.cli import run_guarded
-from kd_jax.data import Augmentation, Dataset, load_dataset, normalize
+from kd_jax.data import DATA_DIR_ENV, Augmentation, Dataset, load_dataset, normalize
 from kd_jax.errors import KdError
 from kd_jax.models import create_model
 from kd_jax.onnx_model import METADATA_PREFIX
@@ -70,9 +72,13 @@ class InferenceModel:
 
     frozen: FrozenModel
     dataset: Dataset
+    module: nn.Module  # float32, whatever dtype the run trained in
     apply: Callable[[jax.Array], jax.Array]  # uint8 [B, H, W, C] -> float32 logits [B, K]
     name: str
-    width: int | None
+
+    @property
+    def width(self) -> int | None:
+        return getattr(self.module, "width", None)
 
     @property
     def input_spec(self) -> jax.ShapeDtypeStruct:
@@ -97,8 +103,7 @@ class InferenceModel:
     def reference(self, batch_size: int) -> Logits:
         """JAX logits from the training code's own evaluator, in full float32 precision."""
         augmentation = Augmentation(0, False, self.dataset.mean, self.dataset.std)
-        model = create_model(self.name, self.dataset.num_classes, self.width)
-        predict = make_predict(model, augmentation, batch_size, make_mesh())
+        predict = make_predict(self.module, augmentation, batch_size, make_mesh())
         variables = jax.device_put(self.frozen.variables)
 
         def logits(images: np.ndarray) -> np.ndarray:
@@ -109,18 +114,21 @@ class InferenceModel:
 
 
 def load_inference_model(workdir: str | Path, data_dir: str | None = None) -> InferenceModel:
-    """The frozen model of a teacher or student run, and the dataset it was trained on."""
+    """The frozen model of a teacher or student run, and the dataset it was trained on.
+
+    The data is found at ``data_dir``, else ``$KD_JAX_DATA_DIR``, else where the run read it.
+    """
     frozen = load_frozen(workdir)
     name, width = model_spec(frozen.config)
-    dataset = load_dataset(frozen.config.get("dataset", "cifar10"),
-                           data_dir or frozen.config.get("data_dir"))
-    model = create_model(name, dataset.num_classes, width)  # float32, whatever it trained in
+    data_dir = data_dir or os.environ.get(DATA_DIR_ENV) or frozen.config.get("data_dir")
+    dataset = load_dataset(frozen.config.get("dataset", "cifar10"), data_dir)
+    module = create_model(name, dataset.num_classes, width)
     variables, mean, std = frozen.variables, dataset.mean, dataset.std
 
     def apply(images: jax.Array) -> jax.Array:
-        return model.apply(variables, normalize(images, mean, std), train=False)
+        return module.apply(variables, normalize(images, mean, std), train=False)
 
-    return InferenceModel(frozen, dataset, apply, name, width)
+    return InferenceModel(frozen, dataset, module, apply, name)
 
 
 # --------------------------------------------------------------------------- ONNX
@@ -252,8 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workdir", required=True, help="a teacher or student run directory")
     parser.add_argument("--format", choices=sorted(FORMATS), default="onnx")
     parser.add_argument("--output", help="file to write (default RUN/export/model.<format>)")
-    parser.add_argument("--data-dir", help="dataset folder for the check (default: the run's, "
-                                           "else $KD_JAX_DATA_DIR)")
+    parser.add_argument("--data-dir", help="dataset folder for the check (default: "
+                                           "$KD_JAX_DATA_DIR, else the run's)")
     parser.add_argument("--check-images", type=int, metavar="N",
                         help="compare on the first N test images only (default: all)")
     parser.add_argument("--batch-size", type=int, default=256, help="batch size of the check")

@@ -127,7 +127,7 @@ class Report:
         teacher = self.measure(teacher_of(run, model.frozen.config), dataset.test_images)
         flops = flops_per_image(model.apply, dataset.image_shape)
         return {
-            "run": run.name, "model": f"{model.name} w{model.width or 'default'}",
+            "run": run.name, "model": f"{model.name} w{model.width}",
             "params": count_params(model.frozen.variables["params"]),
             "mflops": flops / 1e6 if flops is not None else "",
             "file_mb": self.onnx_file(run).stat().st_size / 1e6,
@@ -164,6 +164,7 @@ def plot_report(rows: list[dict], path: Path) -> None:
         ax.scatter(x, y, s=40)
         ax.annotate(f"{row['run']}\n{row['model']}, {row['params']:,} params", (x, y),
                     textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set_xlim(0, 1.5 * max(row["latency_ms"] for row in rows))  # room for the labels
     ax.set(xlabel="onnxruntime CPU latency, batch 1 (ms, median)", ylabel="test accuracy (%)",
            title="accuracy vs latency of the exported models")
     ax.grid(alpha=0.3)
@@ -176,8 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kd_jax.report",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", metavar="RUN", help="teacher or student run dirs")
-    parser.add_argument("--data-dir", help="dataset folder (default: each run's, else "
-                                           "$KD_JAX_DATA_DIR)")
+    parser.add_argument("--data-dir", help="dataset folder (default: $KD_JAX_DATA_DIR, else "
+                                           "each run's)")
     parser.add_argument("--plot", default="deployment_report.png", help="PNG to write")
     parser.add_argument("--json", help="also write the table's rows to this JSON file")
     parser.add_argument("--threads", type=int, default=0,
