@@ -179,6 +179,7 @@ def test_predict_bad_image_is_one_line_error(onnx_file, tmp_path, capsys):
     assert err == f"error: {text}: not a readable image (UnidentifiedImageError)\n"
 
 
+@pytest.mark.slow  # distills a student (~30 s on 2 cores)
 def test_report_matches_training_figures(teacher_run, student_run, data_dir, tmp_path, capsys):
     plot, table = tmp_path / "report.png", tmp_path / "report.json"
     assert report.main([str(teacher_run), str(student_run), "--data-dir", data_dir,
