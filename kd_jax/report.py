@@ -151,6 +151,11 @@ def hardware() -> str:
     return f"{name}, {os.cpu_count()} logical cores"
 
 
+def load_average() -> str:
+    """The 1-minute load average: other work on the machine skews every timing."""
+    return f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "unknown"
+
+
 def plot_report(rows: list[dict], path: Path) -> None:
     """Test accuracy against batch-1 latency, one labelled point per run."""
     import matplotlib
@@ -165,6 +170,7 @@ def plot_report(rows: list[dict], path: Path) -> None:
         ax.annotate(f"{row['run']}\n{row['model']}, {row['params']:,} params", (x, y),
                     textcoords="offset points", xytext=(6, 4), fontsize=8)
     ax.set_xlim(0, 1.5 * max(row["latency_ms"] for row in rows))  # room for the labels
+    ax.margins(y=0.15)
     ax.set(xlabel="onnxruntime CPU latency, batch 1 (ms, median)", ylabel="test accuracy (%)",
            title="accuracy vs latency of the exported models")
     ax.grid(alpha=0.3)
@@ -192,11 +198,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.latency_runs < 1 or args.threads < 0:
             raise KdError("--latency-runs must be >= 1 and --threads >= 0")
         report = Report(args.data_dir, args.threads, args.latency_runs)
+        load_before = load_average()
         rows = [report.row(Path(run)) for run in args.runs]
         import onnxruntime
 
         print(f"onnxruntime {onnxruntime.__version__} on CPU: {hardware()}; "
-              f"threads {args.threads or 'default'}")
+              f"threads {args.threads or 'default'}; 1-minute load average "
+              f"{load_before} before, {load_average()} after")
         print(format_table(rows, COLUMNS))
         plot_report(rows, Path(args.plot))
         print(f"plot: {args.plot}")
