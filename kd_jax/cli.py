@@ -13,10 +13,15 @@ def main(config_class: type, job: Callable, description: str,
          argv: Sequence[str] | None = None) -> int:
     """Run ``job(config)``; a ``KdError`` prints ``error: ...`` and exits 2 (``--debug``: raise)."""
     args = build_parser(config_class, description).parse_args(argv)
+    return run_guarded(lambda: job(resolve(config_class, args)), args.debug)
+
+
+def run_guarded(job: Callable[[], object], debug: bool = False) -> int:
+    """Run ``job()``; a ``KdError`` prints ``error: ...`` and returns 2 (``debug``: raise)."""
     try:
-        job(resolve(config_class, args))
+        job()
     except KdError as e:
-        if args.debug:
+        if debug:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,288 @@
+"""Export a trained run for deployment: ONNX (checked in onnxruntime) or serialized StableHLO.
+
+    python -m kd_jax.export --workdir RUN --format onnx        # RUN/export/model.onnx
+    python -m kd_jax.export --workdir RUN --format stablehlo   # RUN/export/model.stablehlo
+
+The exported function is the model in inference mode, its BatchNorm running statistics fixed,
+with the input normalization inside the graph, so a deployment feeds decoded pixels as they are:
+
+    input  ``images``  uint8 [B, H, W, C] (32x32 RGB for CIFAR-10), values 0..255, NHWC;
+                       the batch dimension B is dynamic.
+    output ``logits``  float32 [B, num_classes]; softmax gives probabilities.
+
+ONNX is written by jax2onnx, which converts the traced JAX program (jaxpr) to ONNX directly.
+The alternative, jax2tf + tf2onnx, needs TensorFlow, and tf2onnx cannot read the StableHLO that
+current jax2tf emits (its graph-mode serialization was removed from JAX). onnxruntime then
+applies its hardware-independent ("basic") graph rewrites once, at export: among them it
+folds every BatchNormalization into the preceding convolution's weights, and the file keeps
+only standard ONNX operators. The class names, dataset and source run are stored in the ONNX
+metadata (``kd_jax.*`` keys), so the file alone is enough to classify images.
+
+After writing, the command compares the file against JAX on the test set (``--check-images``
+limits how many) and exits non-zero unless the two give the same top-1 class on at least
+99.9% of the images and every logit differs by less than 1e-3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kd_jax.checkpoint import FrozenModel, load_frozen
+from kd_jax.cli import run_guarded
+from kd_jax.data import DATA_DIR_ENV, Augmentation, Dataset, load_dataset, normalize
+from kd_jax.errors import KdError
+from kd_jax.models import create_model
+from kd_jax.onnx_model import METADATA_PREFIX
+from kd_jax.train import make_mesh, make_predict
+
+FORMATS = {"onnx": "model.onnx", "stablehlo": "model.stablehlo"}
+MIN_AGREEMENT = 0.999
+MAX_LOGIT_DIFF = 1e-3
+ONNX_OPSET = 18  # jax2onnx emits ReduceMean with axes as an input, which needs 18
+# Where a StableHLO artifact may run; lowering for a platform needs no such device here.
+STABLEHLO_PLATFORMS = ("cpu", "cuda", "tpu")
+
+Logits = Callable[[np.ndarray], np.ndarray]
+
+
+def model_spec(config: dict) -> tuple[str, int | None]:
+    """(registered model name, width) of a teacher or a student run's config."""
+    if "student" in config:
+        return config["student"], config.get("student_width")
+    if "model" in config:
+        return config["model"], config.get("width")
+    raise KdError("config.json names no model (neither 'model' nor 'student')")
+
+
+@dataclass(frozen=True)
+class InferenceModel:
+    """A run's trained model as a pure function of uint8 NHWC images, with what describes it."""
+
+    frozen: FrozenModel
+    dataset: Dataset
+    module: nn.Module  # float32, whatever dtype the run trained in
+    apply: Callable[[jax.Array], jax.Array]  # uint8 [B, H, W, C] -> float32 logits [B, K]
+    name: str
+
+    @property
+    def width(self) -> int | None:
+        return getattr(self.module, "width", None)
+
+    @property
+    def input_spec(self) -> jax.ShapeDtypeStruct:
+        """uint8 images with a symbolic batch dimension ``B``."""
+        h, w, c = self.dataset.image_shape
+        return jax.ShapeDtypeStruct(jax.export.symbolic_shape(f"B, {h}, {w}, {c}"), jnp.uint8)
+
+    def metadata(self) -> dict[str, str]:
+        """What a deployment needs besides the graph; strings, as ONNX metadata holds."""
+        h, w, c = self.dataset.image_shape
+        return {f"{METADATA_PREFIX}{k}": v for k, v in {
+            "class_names": json.dumps(list(self.dataset.class_names)),
+            "dataset": self.dataset.name,
+            "model": self.name,
+            "width": str(self.width),
+            "input": f"uint8 [B, {h}, {w}, {c}] NHWC, values 0..255; normalized inside the graph",
+            "mean": json.dumps(list(self.dataset.mean)),
+            "std": json.dumps(list(self.dataset.std)),
+            "checkpoint": str(self.frozen.checkpoint),
+        }.items()}
+
+    def reference(self, batch_size: int) -> Logits:
+        """JAX logits from the training code's own evaluator, in full float32 precision."""
+        augmentation = Augmentation(0, False, self.dataset.mean, self.dataset.std)
+        predict = make_predict(self.module, augmentation, batch_size, make_mesh())
+        variables = jax.device_put(self.frozen.variables)
+
+        def logits(images: np.ndarray) -> np.ndarray:
+            with jax.default_matmul_precision("highest"):
+                return np.asarray(predict(variables, images))
+
+        return logits
+
+
+def load_inference_model(workdir: str | Path, data_dir: str | None = None) -> InferenceModel:
+    """The frozen model of a teacher or student run, and the dataset it was trained on.
+
+    The data is found at ``data_dir``, else ``$KD_JAX_DATA_DIR``, else where the run read it.
+    """
+    frozen = load_frozen(workdir)
+    name, width = model_spec(frozen.config)
+    data_dir = data_dir or os.environ.get(DATA_DIR_ENV) or frozen.config.get("data_dir")
+    dataset = load_dataset(frozen.config.get("dataset", "cifar10"), data_dir)
+    module = create_model(name, dataset.num_classes, width)
+    variables, mean, std = frozen.variables, dataset.mean, dataset.std
+
+    def apply(images: jax.Array) -> jax.Array:
+        return module.apply(variables, normalize(images, mean, std), train=False)
+
+    return InferenceModel(frozen, dataset, module, apply, name)
+
+
+# --------------------------------------------------------------------------- ONNX
+def to_onnx_bytes(model: InferenceModel) -> bytes:
+    """Convert with jax2onnx, then let onnxruntime fold BatchNorm into the convolutions."""
+    import onnx
+    from jax2onnx import to_onnx
+
+    proto = to_onnx(model.apply, [model.input_spec], model_name=f"kd_jax_{model.name}",
+                    opset=ONNX_OPSET, input_names=["images"], output_names=["logits"])
+    # jax2onnx 0.17 leaves NHWC shape annotations on tensors its layout pass turned NCHW;
+    # onnxruntime then refuses the residual Adds. The annotations are optional: drop them.
+    del proto.graph.value_info[:]
+    proto = _basic_optimizations(proto.SerializeToString())
+    onnx.helper.set_model_props(proto, model.metadata())
+    proto.doc_string = f"{model.name} (width {model.width}) on {model.dataset.name}: " \
+                       f"images uint8 NHWC 0..255 -> logits"
+    onnx.checker.check_model(proto, full_check=True)
+    return proto.SerializeToString()
+
+
+def _basic_optimizations(model_bytes: bytes):  # noqa: ANN202 - onnx.ModelProto, imported lazily
+    """onnxruntime's portable rewrites (constant folding, Conv+BatchNorm fusion), saved.
+
+    Only the default domain's operators remain, so unused extra opset imports are dropped.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+        proto = onnx.load(options.optimized_model_filepath)
+    used = {node.domain for node in proto.graph.node}
+    kept = [o for o in proto.opset_import if o.domain in used or o.domain in ("", "ai.onnx")]
+    del proto.opset_import[:]
+    proto.opset_import.extend(kept)
+    return proto
+
+
+# --------------------------------------------------------------------------- StableHLO
+def to_stablehlo_bytes(model: InferenceModel) -> bytes:
+    """``jax.export`` serialization; ``jax.export.deserialize(data).call(images)`` runs it."""
+    exported = jax.export.export(jax.jit(model.apply), platforms=STABLEHLO_PLATFORMS)(
+        model.input_spec)
+    return bytes(exported.serialize())
+
+
+def stablehlo_logits(path: Path) -> Logits:
+    exported = jax.export.deserialize(bytearray(path.read_bytes()))
+    return lambda images: np.asarray(exported.call(images))
+
+
+# --------------------------------------------------------------------------- the check
+@dataclass(frozen=True)
+class Comparison:
+    """How closely an exported model reproduces JAX's logits."""
+
+    images: int
+    agreement: float  # fraction of images with the same top-1 class
+    max_abs_diff: float
+
+    @property
+    def passed(self) -> bool:
+        return self.agreement >= MIN_AGREEMENT and self.max_abs_diff < MAX_LOGIT_DIFF
+
+    def describe(self, runtime: str) -> str:
+        verdict = "OK" if self.passed else "FAILED"
+        return (f"{runtime} vs JAX on {self.images} test images: same top-1 on "
+                f"{100 * self.agreement:.2f}% (need >= {100 * MIN_AGREEMENT:.1f}%), max |logit "
+                f"diff| {self.max_abs_diff:.2e} (need < {MAX_LOGIT_DIFF:g}): {verdict}")
+
+
+def compare_logits(exported: np.ndarray, reference: np.ndarray) -> Comparison:
+    if exported.shape != reference.shape:
+        raise KdError(f"exported model gives logits of shape {exported.shape}, "
+                      f"JAX {reference.shape}")
+    return Comparison(len(reference),
+                      float(np.mean(exported.argmax(-1) == reference.argmax(-1))),
+                      float(np.max(np.abs(exported.astype(np.float64) - reference))))
+
+
+def check_export(path: Path, fmt: str, model: InferenceModel, images: np.ndarray,
+                 batch_size: int) -> Comparison:
+    """Run the written file on ``images`` and compare it with the JAX evaluator."""
+    from kd_jax.onnx_model import OnnxClassifier
+
+    if fmt == "onnx":
+        classifier = OnnxClassifier(path)
+        exported = classifier.logits(images, batch_size)
+    else:
+        run = stablehlo_logits(path)
+        exported = np.concatenate([run(images[i:i + batch_size])
+                                   for i in range(0, len(images), batch_size)])
+    return compare_logits(exported, model.reference(batch_size)(images))
+
+
+# --------------------------------------------------------------------------- the command
+def export_run(workdir: str | Path, fmt: str = "onnx", output: str | Path | None = None,
+               data_dir: str | None = None, check_images: int | None = None,
+               batch_size: int = 256) -> tuple[Path, Comparison]:
+    """Write the run's model in ``fmt`` and check it; returns (path, comparison)."""
+    if fmt not in FORMATS:
+        raise KdError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    if batch_size < 1:
+        raise KdError(f"--batch-size must be >= 1, got {batch_size}")
+    model = load_inference_model(workdir, data_dir)
+    images = model.dataset.test_images
+    if check_images is not None:
+        if not 1 <= check_images <= len(images):
+            raise KdError(f"--check-images must be in [1, {len(images)}], got {check_images}")
+        images = images[:check_images]
+    path = Path(output) if output else Path(workdir) / "export" / FORMATS[fmt]
+    data = to_onnx_bytes(model) if fmt == "onnx" else to_stablehlo_bytes(model)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    except OSError as e:
+        raise KdError(f"{path}: cannot write ({e.strerror})") from None
+    return path, check_export(path, fmt, model, images, batch_size)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m kd_jax.export", description=__doc__.splitlines()[0],
+        epilog="Input: uint8 NHWC images 0..255, dynamic batch; output: float32 logits.")
+    parser.add_argument("--workdir", required=True, help="a teacher or student run directory")
+    parser.add_argument("--format", choices=sorted(FORMATS), default="onnx")
+    parser.add_argument("--output", help="file to write (default RUN/export/model.<format>)")
+    parser.add_argument("--data-dir", help="dataset folder for the check (default: "
+                                           "$KD_JAX_DATA_DIR, else the run's)")
+    parser.add_argument("--check-images", type=int, metavar="N",
+                        help="compare on the first N test images only (default: all)")
+    parser.add_argument("--batch-size", type=int, default=256, help="batch size of the check")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def job() -> None:
+        path, comparison = export_run(args.workdir, args.format, args.output, args.data_dir,
+                                      args.check_images, args.batch_size)
+        print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+        runtime = "onnxruntime" if args.format == "onnx" else "jax.export.deserialize"
+        print(comparison.describe(runtime))
+        if not comparison.passed:
+            raise KdError(f"{path} does not reproduce the JAX model closely enough")
+
+    return run_guarded(job, args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
