@@ -61,6 +61,15 @@ class FrozenModel:
     variables: dict  # {"params": ..., "batch_stats": ...}
     checkpoint: Path
 
+    @property
+    def model_spec(self) -> tuple[str, int | None]:
+        """(registered model name, width), whether the run trained a teacher or a student."""
+        if "student" in self.config:
+            return self.config["student"], self.config.get("student_width")
+        if "model" in self.config:
+            return self.config["model"], self.config.get("width")
+        raise KdError("config.json names no model (neither 'model' nor 'student')")
+
 
 def load_frozen(workdir: str | Path) -> FrozenModel:
     """Restore the last checkpoint of a finished (or interrupted) run for inference."""

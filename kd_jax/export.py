@@ -57,15 +57,6 @@ STABLEHLO_PLATFORMS = ("cpu", "cuda", "tpu")
 Logits = Callable[[np.ndarray], np.ndarray]
 
 
-def model_spec(config: dict) -> tuple[str, int | None]:
-    """(registered model name, width) of a teacher or a student run's config."""
-    if "student" in config:
-        return config["student"], config.get("student_width")
-    if "model" in config:
-        return config["model"], config.get("width")
-    raise KdError("config.json names no model (neither 'model' nor 'student')")
-
-
 @dataclass(frozen=True)
 class InferenceModel:
     """A run's trained model as a pure function of uint8 NHWC images, with what describes it."""
@@ -119,7 +110,7 @@ def load_inference_model(workdir: str | Path, data_dir: str | None = None) -> In
     The data is found at ``data_dir``, else ``$KD_JAX_DATA_DIR``, else where the run read it.
     """
     frozen = load_frozen(workdir)
-    name, width = model_spec(frozen.config)
+    name, width = frozen.model_spec
     data_dir = data_dir or os.environ.get(DATA_DIR_ENV) or frozen.config.get("data_dir")
     dataset = load_dataset(frozen.config.get("dataset", "cifar10"), data_dir)
     module = create_model(name, dataset.num_classes, width)

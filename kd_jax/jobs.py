@@ -152,7 +152,7 @@ def restore_teacher(workdir, job: _Job):
     if trained_on != job.config.dataset:
         raise KdError(f"{workdir}: the teacher was trained on {trained_on}, "
                       f"this run uses {job.config.dataset}")
-    name, width = frozen.config.get("model"), frozen.config.get("width")
+    name, width = frozen.model_spec
     model = create_model(name, job.dataset.num_classes, width, job.dtype)
     expected = jax.eval_shape(lambda: init_variables(model, job.dataset.image_shape, 0))
     shapes = lambda tree: jax.tree.map(lambda a: tuple(a.shape), tree)
