@@ -31,6 +31,10 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 _RECORD_BYTES = 1 + 32 * 32 * 3
+# An official batch file holds 10,000 images; refusing bigger files before reading them keeps
+# a wrong path (a disk image, a video) from being pulled into memory.
+_MAX_RECORDS = 10_000
+_MAX_PICKLE_BYTES = 2 * _MAX_RECORDS * _RECORD_BYTES
 _BINARY_TRAIN = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
 _PYTHON_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 
@@ -69,8 +73,7 @@ class Dataset:
 # --------------------------------------------------------------------------- binary layout
 def read_binary_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Read one CIFAR-10 ``.bin`` file: records of 1 label byte + 3072 pixel bytes (CHW)."""
-    if not path.is_file():
-        raise KdError(f"{path}: file not found")
+    _check_size(path, _MAX_RECORDS * _RECORD_BYTES)
     raw = np.fromfile(path, dtype=np.uint8)
     if raw.size == 0 or raw.size % _RECORD_BYTES:
         raise KdError(f"{path}: size {raw.size} bytes is not a positive multiple of "
@@ -79,6 +82,16 @@ def read_binary_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     labels = records[:, 0].astype(np.int32)
     images = records[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return np.ascontiguousarray(images), _checked_labels(labels, path)
+
+
+def _check_size(path: Path, limit: int) -> None:
+    """Refuse a missing file, or one larger than any CIFAR-10 batch, before reading it."""
+    if not path.is_file():
+        raise KdError(f"{path}: file not found")
+    size = path.stat().st_size
+    if size > limit:
+        raise KdError(f"{path}: {size} bytes is more than a CIFAR-10 batch file holds "
+                      f"(at most {limit}); not a CIFAR-10 batch")
 
 
 def _checked_labels(labels: np.ndarray, path: Path, num_classes: int = 10) -> np.ndarray:
@@ -129,8 +142,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 def safe_unpickle(path: Path) -> object:
     """Unpickle ``path`` with :class:`_RestrictedUnpickler`; any failure becomes a ``KdError``."""
-    if not path.is_file():
-        raise KdError(f"{path}: file not found")
+    _check_size(path, _MAX_PICKLE_BYTES)
     try:
         return _RestrictedUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
     except Exception as e:  # a corrupt pickle can raise nearly anything
@@ -146,8 +158,9 @@ def read_python_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
     data, labels = batch.get("data"), batch.get("labels")
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
-            or data.shape[1] != 3072:
-        raise KdError(f"{path}: 'data' must be a uint8 array of shape [N, 3072]")
+            or data.shape[1] != 3072 or not 0 < data.shape[0] <= _MAX_RECORDS:
+        raise KdError(f"{path}: 'data' must be a uint8 array of shape [N, 3072], "
+                      f"0 < N <= {_MAX_RECORDS}")
     try:
         labels = np.asarray(labels, dtype=np.int64)
     except (TypeError, ValueError):

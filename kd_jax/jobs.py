@@ -17,11 +17,12 @@ from kd_jax.checkpoint import load_frozen
 from kd_jax.config import DistillConfig, RunConfig, TeacherConfig
 from kd_jax.data import Augmentation, Dataset, load_dataset
 from kd_jax.errors import KdError
-from kd_jax.models import count_params, create_model, init_variables
+from kd_jax.models import MODELS, count_params, create_model, init_variables
 from kd_jax.plots import plot_history
 from kd_jax.rundir import RunDir, format_table, latest_run
 from kd_jax.train import (
     TrainState,
+    check_batch_size,
     compute_dtype,
     create_state,
     fit,
@@ -38,15 +39,18 @@ def inference_variables(state: TrainState) -> dict:
 
 
 class _Job:
-    """What both jobs set up the same way: data, mesh, the student/teacher model, evaluation."""
+    """What both jobs set up the same way: data, mesh, the student/teacher model, evaluation.
+
+    The workdir is created (or reopened) only when training starts, after every input has
+    been checked, so a bad teacher or flag never leaves a half-made run behind.
+    """
 
     def __init__(self, config: RunConfig, name: str, model: str, width: int | None):
-        self.config = config
+        self.config, self.name = config, name
         self.dataset = load_dataset(config.dataset, config.data_dir).take_train(config.train_subset)
         self.mesh: Mesh = make_mesh()
         self.dtype = compute_dtype(config.dtype)
         self.model = create_model(model, self.dataset.num_classes, width, self.dtype)
-        self.run = RunDir.prepare(config, name)
         self.augmentation = Augmentation(config.crop_pad, config.flip, self.dataset.mean,
                                          self.dataset.std)
         self.predict = make_predict(self.model, self.augmentation, config.eval_batch_size,
@@ -69,6 +73,8 @@ class _Job:
         return np.asarray(self.predict(inference_variables(state), self.test_images))
 
     def fit(self, step, state: TrainState, train_arrays: tuple, evaluate):
+        check_batch_size(self.config.batch_size, len(train_arrays[0]), self.mesh)
+        self.run = RunDir.prepare(self.config, self.name)
         return fit(self.config, step, state, train_arrays, evaluate, self.schedule, self.run,
                    self.augmentation, self.mesh)
 
@@ -137,6 +143,15 @@ def restore_teacher(workdir, job: _Job):
         raise KdError(f"{workdir}: the teacher was trained on {trained_on}, "
                       f"this run uses {job.config.dataset}")
     name, width = frozen.config.get("model"), frozen.config.get("width")
+    expected_model = job.config.teacher_model
+    if expected_model is not None and name != expected_model:
+        raise KdError(f"{workdir}: the teacher is a {name}, --teacher-model says {expected_model}")
+    expected_width = job.config.teacher_width
+    if width is None and name in MODELS:
+        width = MODELS[name][1]  # the teacher ran with its model's default width
+    if expected_width is not None and width != expected_width:
+        raise KdError(f"{workdir}: the teacher has width {width}, "
+                      f"--teacher-width says {expected_width}")
     model = create_model(name, job.dataset.num_classes, width, job.dtype)
     expected = jax.eval_shape(lambda: init_variables(model, job.dataset.image_shape, 0))
     shapes = lambda tree: jax.tree.map(lambda a: tuple(a.shape), tree)
