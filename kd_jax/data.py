@@ -132,12 +132,24 @@ class _RestrictedUnpickler(pickle.Unpickler):
     _ALLOWED = {
         ("numpy", "ndarray"), ("numpy", "dtype"),
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        # protocol 5 pickles of arrays: an array over raw bytes (never of Python objects)
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
     }
 
     def find_class(self, module: str, name: str):  # noqa: ANN201 - pickle's signature
         if (module, name) in self._ALLOWED:
             return super().find_class(module, name)
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_encode
         raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+
+
+def _latin1_encode(text: str, encoding: str) -> bytes:
+    """What Python 3 protocol-2 pickles of numpy arrays call to rebuild their raw bytes
+    (``_codecs.encode(text, "latin1")``); any other codec is refused."""
+    if encoding != "latin1" or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"refusing _codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
 
 
 def safe_unpickle(path: Path) -> object:

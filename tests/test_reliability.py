@@ -28,7 +28,7 @@ STEPS_PER_EPOCH = 10
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    return cache_env(tmp_path_factory.mktemp("xla-cache"))
+    return cache_env(tmp_path_factory.getbasetemp() / "xla-cache")  # shared by test modules
 
 
 @pytest.fixture(scope="module")
