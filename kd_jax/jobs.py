@@ -41,8 +41,8 @@ def inference_variables(state: TrainState) -> dict:
 class _Job:
     """What both jobs set up the same way: data, mesh, the student/teacher model, evaluation.
 
-    The workdir is created (or reopened) only when training starts, after every input has
-    been checked, so a bad teacher or flag never leaves a half-made run behind.
+    The workdir is created (or reopened) by :meth:`open_run` only after every input has been
+    checked, so a bad teacher or flag never leaves a half-made run behind.
     """
 
     def __init__(self, config: RunConfig, name: str, model: str, width: int | None):
@@ -72,9 +72,12 @@ class _Job:
     def test_logits(self, state: TrainState) -> np.ndarray:
         return np.asarray(self.predict(inference_variables(state), self.test_images))
 
-    def fit(self, step, state: TrainState, train_arrays: tuple, evaluate):
-        check_batch_size(self.config.batch_size, len(train_arrays[0]), self.mesh)
+    def open_run(self, num_train: int) -> None:
+        """Create or reopen the workdir, once every input has been checked."""
+        check_batch_size(self.config.batch_size, num_train, self.mesh)
         self.run = RunDir.prepare(self.config, self.name)
+
+    def fit(self, step, state: TrainState, train_arrays: tuple, evaluate):
         return fit(self.config, step, state, train_arrays, evaluate, self.schedule, self.run,
                    self.augmentation, self.mesh)
 
@@ -100,6 +103,7 @@ def train_teacher(config: TeacherConfig) -> dict:
     job = _Job(config, "teacher", config.model, config.width)
     labels = job.dataset.test_labels
     evaluate = lambda state: metrics.classification_metrics(job.test_logits(state), labels)
+    job.open_run(len(job.dataset.train_labels))
     state = job.initial_state(len(job.dataset.train_labels))
     state, history, timing = job.fit(make_teacher_step(config.label_smoothing), state,
                                      (job.dataset.train_images, job.dataset.train_labels),
@@ -191,6 +195,7 @@ def distill(config: DistillConfig) -> dict:
 
     step = make_distill_step(teacher_model.apply, teacher_variables, config.temperature,
                              config.alpha)
+    job.open_run(len(transfer))
     state = job.initial_state(len(transfer))
     state, history, timing = job.fit(step, state, train_arrays, evaluate)
 

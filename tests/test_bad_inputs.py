@@ -12,6 +12,7 @@ import os
 import pickle
 import shutil
 
+import jax
 import numpy as np
 import pytest
 from _reliability_util import cache_env, run_cli, snapshot, write_cifar_binary
@@ -33,7 +34,9 @@ def make_run(path, num_classes=10, **config):
     run = RunDir.prepare(config, "teacher")
     model = create_model(config.model, num_classes, config.width)
     tx, _ = make_optimizer(0.1, 0.0, 0.9, 0, 10)
-    state = create_state(model, init_variables(model, (32, 32, 3), 0), tx)
+    # Zeros of the right shapes: tracing alone, no compilation (the values play no part).
+    shapes = jax.eval_shape(lambda: init_variables(model, (32, 32, 3), 0))
+    state = create_state(model, jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), shapes), tx)
     checkpoints = RunCheckpoints(path)
     checkpoints.save(state, {}, is_best=True)
     checkpoints.close()
@@ -243,8 +246,9 @@ def test_bad_yaml(capsys, existing, data_dir, tmp_path, text, message):
 
 
 def test_missing_yaml(capsys, existing, data_dir, tmp_path):
-    assert teacher_error(capsys, existing, "--data-dir", data_dir, "--config",
-                         tmp_path / "none.yaml") == f"{tmp_path / 'none.yaml'}: config file not found"
+    path = tmp_path / "none.yaml"
+    assert teacher_error(capsys, existing, "--data-dir", data_dir, "--config", path) == \
+        f"{path}: config file not found"
 
 
 def test_debug_shows_the_traceback(existing, data_dir):
@@ -300,7 +304,8 @@ def test_corrupt_teacher_config(capsys, existing, data_dir, teacher):
 
 
 @pytest.mark.parametrize(("flags", "message"), [
-    (["--teacher-model", "resnet18"], "{t}: the teacher is a resnet8, --teacher-model says resnet18"),
+    (["--teacher-model", "resnet18"],
+     "{t}: the teacher is a resnet8, --teacher-model says resnet18"),
     (["--teacher-width", "8"], "{t}: the teacher has width 4, --teacher-width says 8"),
 ])
 def test_teacher_of_another_architecture(capsys, existing, data_dir, teacher, flags, message):
