@@ -134,7 +134,7 @@ def load_yaml(path: str | Path, cls: type) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise KdError(f"{path}: config file not found") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as e:  # deep nesting
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise KdError(f"{path}: not readable YAML ({reason})") from None
     if data is None:

@@ -237,6 +237,8 @@ def test_batch_size_not_divisible_by_devices(tmp_path, data_dir):
     ("just a string\n", "{path}: a config must be a mapping of keys to values, found str"),
     ("epochs: two\n", "{path}: epochs must be int, got 'two'"),
     ("epochs: [1\n", "{path}: not readable YAML (while parsing a flow sequence)"),
+    ("epochs: " + "[" * 5000 + "]" * 5000,
+     "{path}: not readable YAML (maximum recursion depth exceeded while calling a Python object)"),
 ])
 def test_bad_yaml(capsys, existing, data_dir, tmp_path, text, message):
     path = tmp_path / "config.yaml"
