@@ -153,3 +153,16 @@ def test_distill_kill_then_resume_is_bit_identical(tmp_path, data_dir, env, base
     ok(run_cli("distill.py", *args(runs["killed"]), "--resume", env=env))
     assert_same_run(runs["killed"], runs["straight"])
     assert snapshot(teacher) == before
+
+
+def test_scanned_dispatches_sigterm_then_resume_is_bit_identical(tmp_path, data_dir, env):
+    """The accelerators' path: 3 steps per dispatch in a scan (10 = 3 + 3 + 3 + 1 padded)."""
+    args = lambda workdir: teacher_args(data_dir, workdir, "--steps-per-dispatch", "3",
+                                        "--checkpoint-every-steps", "4")
+    ok(run_cli("train_teacher.py", *args(tmp_path / "straight"), env=env))
+    stopped = run_cli("train_teacher.py", *args(tmp_path / "stopped"),
+                      env={**env, "KD_JAX_FAULT": "term@step:2"})
+    assert stopped.returncode == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM at step 6;" in stopped.stderr
+    ok(run_cli("train_teacher.py", *args(tmp_path / "stopped"), "--resume", env=env))
+    assert_same_run(tmp_path / "stopped", tmp_path / "straight")
