@@ -158,8 +158,9 @@ def safe_unpickle(path: Path) -> object:
     try:
         return _RestrictedUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
     except Exception as e:  # a corrupt pickle can raise nearly anything
+        reason = " ".join(str(e).split())  # some of pickle's messages span two lines
         raise KdError(f"{path}: not a safe CIFAR-10 python batch "
-                      f"({type(e).__name__}: {e})") from None
+                      f"({type(e).__name__}: {reason})") from None
 
 
 def read_python_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
