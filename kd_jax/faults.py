@@ -8,6 +8,7 @@ does ``<action>``:
 
 - ``kill``: SIGKILL this process (no cleanup of any kind runs);
 - ``term``: send this process SIGTERM, as a preemption would;
+- ``int``: send this process SIGINT, as Ctrl-C would;
 - ``nan``: return the train state with every parameter NaN.
 
 The variable is for tests only; unset, :func:`reach` returns the state untouched.
@@ -24,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 FAULT_ENV = "KD_JAX_FAULT"
+_SIGNALS = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT}
 _passes: Counter[str] = Counter()
 
 
@@ -31,8 +33,8 @@ def parse(spec: str) -> tuple[str, str, int]:
     """``"kill@step:3"`` -> ``("kill", "step", 3)``."""
     action, _, where = spec.partition("@")
     point, _, count = where.partition(":")
-    if action not in ("kill", "term", "nan") or not point or not count.isdigit():
-        raise ValueError(f"${FAULT_ENV}={spec!r}: expected <kill|term|nan>@<point>:<n>")
+    if action not in (*_SIGNALS, "nan") or not point or not count.isdigit():
+        raise ValueError(f"${FAULT_ENV}={spec!r}: expected <kill|term|int|nan>@<point>:<n>")
     return action, point, int(count)
 
 
@@ -50,5 +52,5 @@ def reach(point: str, state: Any = None) -> Any:
     if action == "nan":
         return state.replace(params=jax.tree.map(lambda p: jnp.full_like(p, jnp.nan),
                                                  state.params))
-    os.kill(os.getpid(), signal.SIGKILL if action == "kill" else signal.SIGTERM)
+    os.kill(os.getpid(), _SIGNALS[action])
     return state

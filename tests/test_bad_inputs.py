@@ -28,15 +28,19 @@ from kd_jax.rundir import RunDir
 from kd_jax.train import create_state, make_optimizer
 
 
+def _state_like(num_classes, model="resnet8", width=4):
+    """A train state of zeros, shaped by tracing alone: no compilation (values play no part)."""
+    model = create_model(model, num_classes, width)
+    tx, _ = make_optimizer(0.1, 0.0, 0.9, 0, 10)
+    shapes = jax.eval_shape(lambda: init_variables(model, (32, 32, 3), 0))
+    return create_state(model, jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), shapes), tx)
+
+
 def make_run(path, num_classes=10, **config):
     """A finished-looking teacher run (config, metrics, an untrained checkpoint), no training."""
     config = TeacherConfig(**{"model": "resnet8", "width": 4, "workdir": str(path), **config})
     run = RunDir.prepare(config, "teacher")
-    model = create_model(config.model, num_classes, config.width)
-    tx, _ = make_optimizer(0.1, 0.0, 0.9, 0, 10)
-    # Zeros of the right shapes: tracing alone, no compilation (the values play no part).
-    shapes = jax.eval_shape(lambda: init_variables(model, (32, 32, 3), 0))
-    state = create_state(model, jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), shapes), tx)
+    state = _state_like(num_classes, config.model, config.width)
     checkpoints = RunCheckpoints(path)
     checkpoints.save(state, {}, is_best=True)
     checkpoints.close()
@@ -351,3 +355,25 @@ def test_teacher_of_another_dataset(capsys, existing, data_dir, teacher):
 def test_bad_distill_settings(capsys, existing, data_dir, teacher, flags, message):
     assert distill_error(capsys, existing, data_dir, teacher[0], *flags) == message
     assert_unchanged(teacher)
+
+
+# --------------------------------------------------------------------------- resuming
+def test_corrupt_latest_checkpoint_on_resume(existing):
+    path, _ = existing
+    latest = path / "checkpoints" / "latest" / "0"
+    for file in (latest / "default").rglob("*"):
+        if file.is_file():
+            file.write_bytes(b"garbage")
+    checkpoints = RunCheckpoints(path)
+    with pytest.raises(KdError) as error:
+        checkpoints.restore_latest(_state_like(num_classes=10))
+    checkpoints.close()
+    assert str(error.value) == (f"{latest}: corrupt or unreadable checkpoint (JSONDecodeError); "
+                                "delete it to resume from the one before")
+
+
+def test_corrupt_metrics_on_resume(existing):
+    path, _ = existing
+    (path / "metrics.jsonl").write_text('{"epoch": 1}\n{"epo')
+    with pytest.raises(KdError, match=r"metrics\.jsonl: unreadable \(Unterminated string"):
+        RunDir(path).read_metrics()

@@ -96,16 +96,23 @@ def test_killed_twice_then_resumed_is_bit_identical(tmp_path, data_dir, env, bas
     assert_same_run(workdir, baseline)
 
 
-def test_sigterm_checkpoints_mid_epoch_and_resume_is_bit_identical(tmp_path, data_dir, env,
-                                                                   baseline):
+@pytest.mark.parametrize(("action", "signum"), [("term", signal.SIGTERM),
+                                               ("int", signal.SIGINT)])
+def test_signal_checkpoints_mid_epoch_and_resume_is_bit_identical(tmp_path, data_dir, env,
+                                                                  baseline, action, signum):
+    """Preemption (SIGTERM) and Ctrl-C (SIGINT): stop after the step, checkpoint, say how to
+    resume, exit 128 + signal."""
     workdir = tmp_path / "run"
     args = teacher_args(data_dir, workdir)
-    stopped = run_cli("train_teacher.py", *args, env={**env, "KD_JAX_FAULT": "term@step:6"})
-    assert stopped.returncode == 128 + signal.SIGTERM
-    last_line = stopped.stderr.strip().splitlines()[-1]
-    assert last_line == (f"error: stopped by SIGTERM at step 6; checkpoint saved in "
-                         f"{workdir / 'checkpoints' / 'latest' / '6'}; rerun the same command "
-                         "with --resume to continue")
+    stopped = run_cli("train_teacher.py", *args, env={**env, "KD_JAX_FAULT": f"{action}@step:6"})
+    assert stopped.returncode == 128 + signum
+    name = signal.Signals(signum).name
+    assert stopped.stderr.strip().splitlines()[-2:] == [
+        f"{name} received: stopping after this step to write a checkpoint (send it again to "
+        "stop at once, without one)",
+        f"error: stopped by {name} at step 6; checkpoint saved in "
+        f"{workdir / 'checkpoints' / 'latest' / '6'}; rerun the same command with --resume to "
+        "continue"]
     assert sorted(p.name for p in (workdir / "checkpoints" / "latest").iterdir()) == ["6"]
     resumed = ok(run_cli("train_teacher.py", *args, "--resume", env=env))
     assert resumed.stdout.startswith("resuming from step 6 ")
