@@ -104,7 +104,7 @@ def load_frozen(workdir: str | Path) -> FrozenModel:
     path = root / str(max(steps))
     try:
         with ocp.StandardCheckpointer() as checkpointer:
-            restored = checkpointer.restore(path / "default")
+            restored = checkpointer.restore((path / "default").absolute())  # orbax: absolute
     except Exception as e:  # orbax raises many kinds of errors for damaged files
         raise KdError(f"{path}: corrupt or unreadable checkpoint ({type(e).__name__})") from None
     variables = {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}

@@ -7,6 +7,8 @@ take labels. Labels reach the student job's evaluation only.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
@@ -171,9 +173,12 @@ def restore_teacher(workdir, job: _Job):
 
 def distill(config: DistillConfig) -> dict:
     """Train a student on a frozen teacher's softened outputs; returns (and writes) the summary."""
+    if config.teacher_dir is None:
+        # Record which teacher "the latest" was: a --resume must not pick up a newer one.
+        config = dataclasses.replace(config, teacher_dir=str(latest_run("teacher")))
+    teacher_dir = config.teacher_dir
     job = _Job(config, "distill", config.student, config.student_width)
     dataset, labels = job.dataset, job.dataset.test_labels
-    teacher_dir = config.teacher_dir or latest_run("teacher")
     teacher_name, teacher_model, teacher_variables = restore_teacher(teacher_dir, job)
     teacher_logits = np.asarray(make_predict(teacher_model, job.augmentation,
                                              config.eval_batch_size, job.mesh)(

@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import shutil
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -377,3 +378,23 @@ def test_corrupt_metrics_on_resume(existing):
     (path / "metrics.jsonl").write_text('{"epoch": 1}\n{"epo')
     with pytest.raises(KdError, match=r"metrics\.jsonl: unreadable \(Unterminated string"):
         RunDir(path).read_metrics()
+
+
+def test_resume_does_not_switch_to_a_newer_default_teacher(capsys, tmp_path, saved_run, data_dir,
+                                                           monkeypatch):
+    """Without --teacher-dir the latest runs/teacher-* is used; the run records which. (The
+    teacher's path is relative here, which orbax alone would refuse.)"""
+    monkeypatch.chdir(tmp_path)
+    older = Path("runs") / "teacher-20260101-000000"
+    shutil.copytree(saved_run, older)
+    flags = ["--workdir", tmp_path / "student", "--data-dir", data_dir, "--student", "resnet8",
+             "--student-width", "4", "--batch-size", "16", "--eval-batch-size", "16",
+             "--epochs", "1", "--no-progress"]
+    # An interrupted distillation from the older teacher (its config written, nothing else).
+    RunDir.prepare(DistillConfig(teacher_dir=str(older), student="resnet8", student_width=4,
+                                 batch_size=16, eval_batch_size=16, epochs=1,
+                                 workdir=str(tmp_path / "student")), "distill")
+    shutil.copytree(saved_run, Path("runs") / "teacher-20270101-000000")
+    assert error_of(distill, DistillConfig, [*flags, "--resume"], capsys) == (
+        f"{tmp_path / 'student'} holds a run with different settings (teacher_dir); resume "
+        "with the same settings or use another --workdir")
