@@ -317,6 +317,7 @@ def fit(config: RunConfig, step: StepFn, state: TrainState, train_arrays: Sequen
                     if last < steps_per_epoch and (crossed or stop.received):
                         meter.add(pending, run)
                         pending = []
+                        check_finite(state, run)
                         checkpoints.save(state, meter.snapshot())
                         faults.reach("checkpoint")
                         stop.raise_if_stopping(state, checkpoints)
@@ -324,6 +325,7 @@ def fit(config: RunConfig, step: StepFn, state: TrainState, train_arrays: Sequen
                         meter.add(pending, run)
                         pending = []
                 epoch_seconds = meter.close()
+                check_finite(state, run)
                 start = time.perf_counter()
                 row = {"epoch": epoch + 1, "step": int(state.step), **meter.means(),
                        **evaluate(state), "learning_rate": float(schedule(int(state.step) - 1)),
@@ -345,6 +347,23 @@ def fit(config: RunConfig, step: StepFn, state: TrainState, train_arrays: Sequen
         checkpoints.close()
     timing["checkpoint"] = str(checkpoints.latest_path())
     return state, history, timing
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    return jax.tree.reduce(jnp.logical_and, jax.tree.map(lambda a: jnp.all(jnp.isfinite(a)), tree))
+
+
+def check_finite(state: TrainState, run: RunDir) -> None:
+    """Refuse to evaluate or checkpoint non-finite weights.
+
+    The loss check sees a step's loss, computed before its update: a finite loss with
+    non-finite gradients leaves NaN weights that only the next step's loss would reveal, too
+    late if a checkpoint is written in between.
+    """
+    if not bool(_all_finite((state.params, state.batch_stats))):
+        raise KdError(f"non-finite weights after step {int(state.step)}; stopped, the last good "
+                      f"checkpoint is kept in {run.path / 'checkpoints'}")
 
 
 def _restore_best(checkpoints: RunCheckpoints, state: TrainState, history: list[dict]) -> None:

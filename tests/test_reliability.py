@@ -133,14 +133,20 @@ def test_injected_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_di
     assert not (workdir / "summary.json").exists()
 
 
-def test_nan_before_a_mid_epoch_checkpoint_writes_no_checkpoint(tmp_path, data_dir, env):
+@pytest.mark.parametrize(("fault", "every"), [("nan@step:4", 4), ("nan@step:10", 0)])
+def test_nan_weights_are_never_checkpointed(tmp_path, data_dir, env, fault, every):
+    """Weights gone NaN at a step whose own loss was finite, right before a checkpoint (mid-epoch
+    or at the epoch's end): the run stops before writing it, or a metrics row."""
     workdir = tmp_path / "run"
+    step = fault.rsplit(":", 1)[1]
     result = run_cli("train_teacher.py",
-                     *teacher_args(data_dir, workdir, "--checkpoint-every-steps", "4"),
-                     env={**env, "KD_JAX_FAULT": "nan@step:2"})
-    assert result.returncode == 2
-    assert "non-finite train_loss at step 3;" in result.stderr
+                     *teacher_args(data_dir, workdir, "--checkpoint-every-steps", str(every)),
+                     env={**env, "KD_JAX_FAULT": fault})
+    assert (result.returncode, result.stderr.strip()) == (2, (
+        f"error: non-finite weights after step {step}; stopped, the last good checkpoint is "
+        f"kept in {workdir / 'checkpoints'}"))
     assert not list((workdir / "checkpoints" / "latest").iterdir())
+    assert metrics_rows(workdir) == []
 
 
 def test_distill_kill_then_resume_is_bit_identical(tmp_path, data_dir, env, baseline):
