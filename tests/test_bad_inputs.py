@@ -244,7 +244,7 @@ def test_batch_size_not_divisible_by_devices(tmp_path, data_dir):
     ("epochs: [1\n", "{path}: not readable YAML (while parsing a flow sequence)"),
     ("epochs: " + "[" * 5000 + "]" * 5000,
      "{path}: not readable YAML (maximum recursion depth exceeded while calling a Python object)"),
-])
+], ids=["unknown-key", "list", "string", "wrong-type", "not-yaml", "nested-5000-deep"])
 def test_bad_yaml(capsys, existing, data_dir, tmp_path, text, message):
     path = tmp_path / "config.yaml"
     path.write_text(text)
