@@ -20,27 +20,52 @@ from kd_jax.errors import KdError
 
 
 class RunCheckpoints:
-    """The two checkpoint series of one run."""
+    """The two checkpoint series of one run.
+
+    A ``latest`` checkpoint holds two items: ``default``, the train state, and ``meter``, the
+    running sums of the epoch's train metrics up to that step (empty at an epoch boundary), so
+    a run resumed mid-epoch reports the same epoch means as one never stopped. Both items are
+    committed together: a checkpoint is either whole or ignored.
+    """
 
     def __init__(self, workdir: str | Path, keep_latest: int = 2):
         root = Path(workdir).absolute() / "checkpoints"
-        options = lambda keep: ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-        self.latest = ocp.CheckpointManager(root / "latest", options=options(keep_latest))
+        # cleanup_tmp_directories: a process killed mid-write leaves a temporary folder behind.
+        options = lambda keep: ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                                            cleanup_tmp_directories=True)
+        self.latest = ocp.CheckpointManager(root / "latest", options=options(keep_latest),
+                                            item_names=("default", "meter"))
         self.best = ocp.CheckpointManager(root / "best", options=options(1))
 
-    def save(self, state: Any, is_best: bool) -> None:
+    def save(self, state: Any, meter: dict, is_best: bool = False) -> None:
         step = int(state.step)
-        self.latest.save(step, args=ocp.args.StandardSave(state))
+        self.latest.save(step, args=ocp.args.Composite(default=ocp.args.StandardSave(state),
+                                                       meter=ocp.args.JsonSave(meter)))
         if is_best:
+            self.save_best(state)
+
+    def save_best(self, state: Any) -> None:
+        """Save ``state`` as the best, unless its step is already there (a resumed run redoes
+        the steps a killed one may have saved)."""
+        step = int(state.step)
+        if step not in self.best.all_steps():
             self.best.save(step, args=ocp.args.StandardSave(state))
 
-    def restore_latest(self, like: Any) -> Any | None:
-        """The latest complete state, shaped and sharded like ``like``; None when there is none."""
+    def restore_latest(self, like: Any) -> tuple[Any, dict] | None:
+        """The latest complete (state, meter), the state shaped and sharded like ``like``;
+        None when there is none."""
         step = self.latest.latest_step()
         if step is None:
             return None
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-        return self.latest.restore(step, args=ocp.args.StandardRestore(abstract))
+        try:
+            restored = self.latest.restore(step, args=ocp.args.Composite(
+                default=ocp.args.StandardRestore(abstract), meter=ocp.args.JsonRestore()))
+        except Exception as e:  # orbax raises many kinds of errors for damaged files
+            raise KdError(f"{self.latest_path()}: corrupt or unreadable checkpoint "
+                          f"({type(e).__name__}); delete it to resume from the one before"
+                          ) from None
+        return restored["default"], restored["meter"]
 
     def latest_path(self) -> Path:
         return Path(self.latest.directory) / str(self.latest.latest_step())
@@ -81,19 +106,15 @@ def load_frozen(workdir: str | Path) -> FrozenModel:
         config = json.loads(config_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise KdError(f"{config_path}: unreadable ({e})") from None
-    root = (workdir / "checkpoints" / "latest").absolute()
-    if not root.is_dir():
+    root = (workdir / "checkpoints" / "latest").absolute()  # orbax needs absolute paths
+    steps = ocp.utils.checkpoint_steps(root) if root.is_dir() else []
+    if not steps:
         raise KdError(f"{workdir}: no checkpoint found under {root}")
+    path = root / str(max(steps))
     try:
-        with ocp.CheckpointManager(root) as manager:
-            step = manager.latest_step()
-            if step is None:
-                raise KdError(f"{workdir}: no checkpoint found under {root}")
-            restored = manager.restore(step, args=ocp.args.StandardRestore())
-    except KdError:
-        raise
+        with ocp.StandardCheckpointer() as checkpointer:
+            restored = checkpointer.restore(path / "default")
     except Exception as e:  # orbax raises many kinds of errors for damaged files
-        raise KdError(f"{root}: corrupt or unreadable checkpoint ({type(e).__name__})") from None
-    path = root / str(step)
+        raise KdError(f"{path}: corrupt or unreadable checkpoint ({type(e).__name__})") from None
     variables = {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}
     return FrozenModel(config, variables, path)

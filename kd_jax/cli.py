@@ -11,18 +11,29 @@ from kd_jax.errors import KdError
 
 def main(config_class: type, job: Callable, description: str,
          argv: Sequence[str] | None = None) -> int:
-    """Run ``job(config)``; a ``KdError`` prints ``error: ...`` and exits 2 (``--debug``: raise)."""
+    """Run ``job(config)``; a user's error prints ``error: ...`` and exits non-zero.
+
+    ``KdError`` exits 2 (an interrupted run 128 + the signal number); an ``OSError`` that
+    escaped the job (a file named by the user that cannot be read or written) is reported the
+    same way, as is a second Ctrl-C. ``--debug`` re-raises instead, with the traceback.
+    """
     args = build_parser(config_class, description).parse_args(argv)
     return run_guarded(lambda: job(resolve(config_class, args)), args.debug)
 
 
 def run_guarded(job: Callable[[], object], debug: bool = False) -> int:
-    """Run ``job()``; a ``KdError`` prints ``error: ...`` and returns 2 (``debug``: raise)."""
+    """Run ``job()``; see :func:`main` for what becomes an ``error: ...`` line."""
     try:
         job()
-    except KdError as e:
+    except (KdError, OSError, KeyboardInterrupt) as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 130 if isinstance(e, KeyboardInterrupt) else getattr(e, "exit_code", 2)
     return 0
+
+
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted"
+    return " ".join(str(error).split()) or type(error).__name__

@@ -36,6 +36,7 @@ class RunConfig:
     train_subset: int | None = None  # use only the first N training images
     steps_per_dispatch: int = 0  # train steps per jitted call (0 = about 10 calls per epoch)
     seed: int = 0
+    checkpoint_every_steps: int = 0  # also checkpoint mid-epoch every N steps (0 = epochs only)
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
@@ -54,6 +55,8 @@ class RunConfig:
             (self.crop_pad >= 0, f"crop_pad must be >= 0, got {self.crop_pad}"),
             (self.steps_per_dispatch >= 0,
              f"steps_per_dispatch must be >= 0, got {self.steps_per_dispatch}"),
+            (self.checkpoint_every_steps >= 0,
+             f"checkpoint_every_steps must be >= 0, got {self.checkpoint_every_steps}"),
             (self.dtype in ("auto", "float32", "bfloat16"),
              f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}"),
             (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other"),
@@ -85,6 +88,8 @@ class DistillConfig(RunConfig):
     """``distill.py``: a student trained on a frozen teacher's softened outputs."""
 
     teacher_dir: str | None = None  # a teacher workdir; default the latest runs/teacher-*
+    teacher_model: str | None = None  # if set, refuse a teacher of another architecture
+    teacher_width: int | None = None  # if set, refuse a teacher of another width
     student: str = "resnet18"
     student_width: int | None = None
     temperature: float = 4.0
@@ -132,7 +137,7 @@ def load_yaml(path: str | Path, cls: type) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise KdError(f"{path}: config file not found") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as e:  # deep nesting
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise KdError(f"{path}: not readable YAML ({reason})") from None
     if data is None:

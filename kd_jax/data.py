@@ -32,6 +32,10 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 _RECORD_BYTES = 1 + 32 * 32 * 3
+# An official batch file holds 10,000 images; refusing bigger files before reading them keeps
+# a wrong path (a disk image, a video) from being pulled into memory.
+_MAX_RECORDS = 10_000
+_MAX_PICKLE_BYTES = 2 * _MAX_RECORDS * _RECORD_BYTES
 _BINARY_TRAIN = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
 _PYTHON_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 
@@ -70,8 +74,7 @@ class Dataset:
 # --------------------------------------------------------------------------- binary layout
 def read_binary_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Read one CIFAR-10 ``.bin`` file: records of 1 label byte + 3072 pixel bytes (CHW)."""
-    if not path.is_file():
-        raise KdError(f"{path}: file not found")
+    _check_size(path, _MAX_RECORDS * _RECORD_BYTES)
     raw = np.fromfile(path, dtype=np.uint8)
     if raw.size == 0 or raw.size % _RECORD_BYTES:
         raise KdError(f"{path}: size {raw.size} bytes is not a positive multiple of "
@@ -80,6 +83,16 @@ def read_binary_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     labels = records[:, 0].astype(np.int32)
     images = records[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return np.ascontiguousarray(images), _checked_labels(labels, path)
+
+
+def _check_size(path: Path, limit: int) -> None:
+    """Refuse a missing file, or one larger than any CIFAR-10 batch, before reading it."""
+    if not path.is_file():
+        raise KdError(f"{path}: file not found")
+    size = path.stat().st_size
+    if size > limit:
+        raise KdError(f"{path}: {size} bytes is more than a CIFAR-10 batch file holds "
+                      f"(at most {limit}); not a CIFAR-10 batch")
 
 
 def _checked_labels(labels: np.ndarray, path: Path, num_classes: int = 10) -> np.ndarray:
@@ -121,23 +134,35 @@ class _RestrictedUnpickler(pickle.Unpickler):
         ("numpy", "ndarray"), ("numpy", "dtype"),
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 store bytes
+        # protocol 5 pickles of arrays: an array over raw bytes (never of Python objects)
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
     }
 
     def find_class(self, module: str, name: str):  # noqa: ANN201 - pickle's signature
         if (module, name) in self._ALLOWED:
             return super().find_class(module, name)
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_encode
         raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+
+
+def _latin1_encode(text: str, encoding: str) -> bytes:
+    """What Python 3 protocol-2 pickles of numpy arrays call to rebuild their raw bytes
+    (``_codecs.encode(text, "latin1")``); any other codec is refused."""
+    if encoding != "latin1" or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"refusing _codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
 
 
 def safe_unpickle(path: Path) -> object:
     """Unpickle ``path`` with :class:`_RestrictedUnpickler`; any failure becomes a ``KdError``."""
-    if not path.is_file():
-        raise KdError(f"{path}: file not found")
+    _check_size(path, _MAX_PICKLE_BYTES)
     try:
         return _RestrictedUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
     except Exception as e:  # a corrupt pickle can raise nearly anything
+        reason = " ".join(str(e).split())  # some of pickle's messages span two lines
         raise KdError(f"{path}: not a safe CIFAR-10 python batch "
-                      f"({type(e).__name__}: {e})") from None
+                      f"({type(e).__name__}: {reason})") from None
 
 
 def read_python_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -148,8 +173,9 @@ def read_python_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
     data, labels = batch.get("data"), batch.get("labels")
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
-            or data.shape[1] != 3072:
-        raise KdError(f"{path}: 'data' must be a uint8 array of shape [N, 3072]")
+            or data.shape[1] != 3072 or not 0 < data.shape[0] <= _MAX_RECORDS:
+        raise KdError(f"{path}: 'data' must be a uint8 array of shape [N, 3072], "
+                      f"0 < N <= {_MAX_RECORDS}")
     try:
         labels = np.asarray(labels, dtype=np.int64)
     except (TypeError, ValueError):

@@ -7,6 +7,8 @@ take labels. Labels reach the student job's evaluation only.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
@@ -17,11 +19,12 @@ from kd_jax.checkpoint import load_frozen
 from kd_jax.config import DistillConfig, RunConfig, TeacherConfig
 from kd_jax.data import Augmentation, Dataset, load_dataset
 from kd_jax.errors import KdError
-from kd_jax.models import count_params, create_model, init_variables
+from kd_jax.models import MODELS, count_params, create_model, init_variables
 from kd_jax.plots import plot_history
 from kd_jax.rundir import RunDir, format_table, latest_run
 from kd_jax.train import (
     TrainState,
+    check_batch_size,
     compute_dtype,
     create_state,
     fit,
@@ -38,24 +41,23 @@ def inference_variables(state: TrainState) -> dict:
 
 
 class _Job:
-    """What both jobs set up the same way: data, mesh, the student/teacher model, evaluation."""
+    """What both jobs set up the same way: data, mesh, the student/teacher model, evaluation.
+
+    The workdir is created (or reopened) by :meth:`open_run` only after every input has been
+    checked, so a bad teacher or flag never leaves a half-made run behind.
+    """
 
     def __init__(self, config: RunConfig, name: str, model: str, width: int | None):
-        self.config = config
+        self.config, self.name = config, name
         self.dataset = load_dataset(config.dataset, config.data_dir).take_train(config.train_subset)
         self.mesh: Mesh = make_mesh()
         self.dtype = compute_dtype(config.dtype)
         self.model = create_model(model, self.dataset.num_classes, width, self.dtype)
-        self.name = name
         self.augmentation = Augmentation(config.crop_pad, config.flip, self.dataset.mean,
                                          self.dataset.std)
         self.predict = make_predict(self.model, self.augmentation, config.eval_batch_size,
                                     self.mesh)
         self.test_images = self.to_device(self.dataset.test_images)
-
-    def open_run(self) -> None:
-        """Create the workdir, once every input has been checked (a failed start leaves none)."""
-        self.run = RunDir.prepare(self.config, self.name)
 
     def to_device(self, array: np.ndarray) -> jax.Array:
         return jax.device_put(array, NamedSharding(self.mesh, P()))
@@ -71,6 +73,11 @@ class _Job:
 
     def test_logits(self, state: TrainState) -> np.ndarray:
         return np.asarray(self.predict(inference_variables(state), self.test_images))
+
+    def open_run(self, num_train: int) -> None:
+        """Create or reopen the workdir, once every input has been checked."""
+        check_batch_size(self.config.batch_size, num_train, self.mesh)
+        self.run = RunDir.prepare(self.config, self.name)
 
     def fit(self, step, state: TrainState, train_arrays: tuple, evaluate):
         return fit(self.config, step, state, train_arrays, evaluate, self.schedule, self.run,
@@ -102,7 +109,6 @@ def train_teacher(config: TeacherConfig) -> dict:
     if num_train < 1:
         raise KdError(f"validation {config.validation} leaves no training images")
     val_images, val_labels = job.to_device(images[num_train:]), train_labels[num_train:]
-    job.open_run()
 
     def evaluate(state: TrainState) -> dict:
         scores = metrics.classification_metrics(job.test_logits(state), labels)
@@ -111,6 +117,7 @@ def train_teacher(config: TeacherConfig) -> dict:
             scores |= metrics.classification_metrics(val_logits, val_labels, prefix="val")
         return scores
 
+    job.open_run(num_train)
     state = job.initial_state(num_train)
     state, history, timing = job.fit(make_teacher_step(config.label_smoothing), state,
                                      (images[:num_train], train_labels[:num_train]), evaluate)
@@ -153,6 +160,15 @@ def restore_teacher(workdir, job: _Job):
         raise KdError(f"{workdir}: the teacher was trained on {trained_on}, "
                       f"this run uses {job.config.dataset}")
     name, width = frozen.model_spec
+    expected_model = job.config.teacher_model
+    if expected_model is not None and name != expected_model:
+        raise KdError(f"{workdir}: the teacher is a {name}, --teacher-model says {expected_model}")
+    expected_width = job.config.teacher_width
+    if width is None and name in MODELS:
+        width = MODELS[name][1]  # the teacher ran with its model's default width
+    if expected_width is not None and width != expected_width:
+        raise KdError(f"{workdir}: the teacher has width {width}, "
+                      f"--teacher-width says {expected_width}")
     model = create_model(name, job.dataset.num_classes, width, job.dtype)
     expected = jax.eval_shape(lambda: init_variables(model, job.dataset.image_shape, 0))
     shapes = lambda tree: jax.tree.map(lambda a: tuple(a.shape), tree)
@@ -168,17 +184,19 @@ def restore_teacher(workdir, job: _Job):
 
 def distill(config: DistillConfig) -> dict:
     """Train a student on a frozen teacher's softened outputs; returns (and writes) the summary."""
+    if config.teacher_dir is None:
+        # Record which teacher "the latest" was: a --resume must not pick up a newer one.
+        config = dataclasses.replace(config, teacher_dir=str(latest_run("teacher")))
+    teacher_dir = config.teacher_dir
     job = _Job(config, "distill", config.student, config.student_width)
     dataset, labels = job.dataset, job.dataset.test_labels
     omit = class_id(dataset, config.omit_class) if config.omit_class else None
-    teacher_dir = config.teacher_dir or latest_run("teacher")
     teacher_name, teacher_model, teacher_variables = restore_teacher(teacher_dir, job)
     teacher_logits = np.asarray(make_predict(teacher_model, job.augmentation,
                                              config.eval_batch_size, job.mesh)(
         teacher_variables, job.test_images))
     teacher_accuracy = metrics.classification_metrics(teacher_logits, labels)["test_accuracy"]
     transfer, held_out = split_transfer_set(dataset.train_labels, omit, config.holdout)
-    job.open_run()
 
     # The student's loop is handed images alone unless a hard-label term is asked for.
     images = dataset.train_images[transfer]
@@ -193,6 +211,7 @@ def distill(config: DistillConfig) -> dict:
 
     step = make_distill_step(teacher_model.apply, teacher_variables, config.temperature,
                              config.alpha)
+    job.open_run(len(transfer))
     state = job.initial_state(len(transfer))
     state, history, timing = job.fit(step, state, train_arrays, evaluate)
 

@@ -21,7 +21,7 @@ from kd_jax.errors import KdError
 
 RUNS_ROOT = Path("runs")
 # Settings that may differ between an interrupted run and its --resume.
-_RESUMABLE = {"resume", "overwrite", "progress", "workdir", "data_dir"}
+_RESUMABLE = {"resume", "overwrite", "progress", "workdir", "data_dir", "checkpoint_every_steps"}
 
 
 class RunDir:
@@ -57,7 +57,7 @@ class RunDir:
         return run
 
     def _check_same_run(self, config: RunConfig) -> None:
-        saved = json.loads(self.config_path.read_text())
+        saved = _read_json(self.config_path)
         now = json.loads(to_json(config))
         changed = sorted(k for k in now if k not in _RESUMABLE and saved.get(k) != now[k])
         if changed:
@@ -68,7 +68,11 @@ class RunDir:
     def read_metrics(self, up_to_epoch: int | None = None) -> list[dict]:
         if not self.metrics_path.exists():
             return []
-        rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line]
+        try:
+            rows = [json.loads(line) for line in self.metrics_path.read_text().splitlines()
+                    if line]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise KdError(f"{self.metrics_path}: unreadable ({e})") from None
         return [r for r in rows if up_to_epoch is None or r["epoch"] <= up_to_epoch]
 
     def write_metrics(self, rows: list[dict]) -> None:
@@ -77,6 +81,16 @@ class RunDir:
 
     def write_summary(self, summary: dict) -> None:
         _atomic_write(self.summary_path, json.dumps(summary, indent=2) + "\n")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise KdError(f"{path}: unreadable ({e})") from None
+    if not isinstance(value, dict):
+        raise KdError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
 
 
 def _atomic_write(path: Path, text: str) -> None:

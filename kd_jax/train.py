@@ -9,6 +9,9 @@ per dispatch (a ``lax.scan``), with augmentation inside the same jitted program.
 from __future__ import annotations
 
 import math
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -24,10 +27,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from kd_jax import data
+from kd_jax import data, faults
 from kd_jax.checkpoint import RunCheckpoints
 from kd_jax.config import RunConfig
-from kd_jax.errors import KdError
+from kd_jax.errors import Interrupted, KdError
 from kd_jax.losses import cross_entropy, distillation_loss
 from kd_jax.rundir import RunDir, format_row
 
@@ -56,6 +59,13 @@ def make_mesh() -> Mesh:
 def check_divisible(batch_size: int, mesh: Mesh, what: str = "batch_size") -> None:
     if batch_size % mesh.size:
         raise KdError(f"{what} {batch_size} is not divisible by the {mesh.size} devices in use")
+
+
+def check_batch_size(batch_size: int, num_examples: int, mesh: Mesh) -> None:
+    """Refuse a batch size that yields no step or cannot be split over the devices."""
+    if batch_size > num_examples:
+        raise KdError(f"batch_size {batch_size} exceeds the {num_examples} training images")
+    check_divisible(batch_size, mesh)
 
 
 def make_optimizer(learning_rate: float, weight_decay: float, momentum: float,
@@ -242,12 +252,18 @@ def fit(config: RunConfig, step: StepFn, state: TrainState, train_arrays: Sequen
 
     Dispatches are asynchronous; metrics are fetched (and checked for NaN) about ten times an
     epoch, so the host never makes the device wait in between.
+
+    Crash safety: data order depends on (seed, epoch) and augmentation on (seed, step) only,
+    and a checkpoint carries the epoch's partial metric sums, so ``--resume`` from any
+    checkpoint ends bit-identical to a run never stopped. At an epoch's end the metrics row is
+    written *before* the checkpoint; a resumed run drops rows newer than its checkpoint, so a
+    kill between the two loses nothing. Checkpoints are also written every
+    ``config.checkpoint_every_steps`` steps, and when SIGTERM or SIGINT asks the run to stop.
+    A step's metrics are checked for NaN before any checkpoint of its state is written.
     """
     num_examples = len(train_arrays[0])
+    check_batch_size(config.batch_size, num_examples, mesh)
     steps_per_epoch = num_examples // config.batch_size
-    if steps_per_epoch == 0:
-        raise KdError(f"batch_size {config.batch_size} exceeds the {num_examples} training images")
-    check_divisible(config.batch_size, mesh)
     per_dispatch = min(config.steps_per_dispatch or default_steps_per_dispatch(), steps_per_epoch)
     padded_steps = math.ceil(steps_per_epoch / per_dispatch) * per_dispatch
     fetch_every = max(per_dispatch, steps_per_epoch // 10)
@@ -257,11 +273,15 @@ def fit(config: RunConfig, step: StepFn, state: TrainState, train_arrays: Sequen
     state = jax.device_put(state, replicated)
     checkpoints = RunCheckpoints(run.path)
     history: list[dict] = []
+    partial: dict = {}  # the resumed epoch's metric sums up to the checkpoint
     if config.resume:
         restored = checkpoints.restore_latest(state)
         if restored is not None:
-            state = restored
+            state, partial = restored
             history = run.read_metrics(up_to_epoch=int(state.step) // steps_per_epoch)
+            print(f"resuming from step {int(state.step)} ({checkpoints.latest_path()})",
+                  flush=True)
+            _restore_best(checkpoints, state, history)
     run.write_metrics(history)
     order_key, step_key = jax.random.split(jax.random.key(config.seed))
     num_steps = np.int32(steps_per_epoch)
@@ -275,47 +295,135 @@ def fit(config: RunConfig, step: StepFn, state: TrainState, train_arrays: Sequen
 
     start_step = int(state.step)
     best = max((row["test_accuracy"] for row in history), default=-1.0)
+    every = config.checkpoint_every_steps
     try:
-        for epoch in range(start_step // steps_per_epoch, config.epochs):
-            order = epoch_order(order_key, epoch, num_examples, config.batch_size, padded_steps)
-            first_row = max(start_step - epoch * steps_per_epoch, 0)
-            meter = _EpochMeter(steps_per_epoch, first_row, config.batch_size, epoch,
-                                f"epoch {epoch + 1}/{config.epochs}", config.progress)
-            pending = []
-            for first in range(first_row, steps_per_epoch, per_dispatch):
-                state, metrics = compiled(step, state, arrays, order, num_steps, np.int32(first),
-                                          step_key)
-                pending.append(metrics)
-                if first + per_dispatch >= min(steps_per_epoch, meter.done + fetch_every):
-                    meter.add(pending, run)
-                    pending = []
-            epoch_seconds = meter.close()
-            start = time.perf_counter()
-            row = {"epoch": epoch + 1, "step": int(state.step), **meter.means(),
-                   **evaluate(state), "learning_rate": float(schedule(int(state.step) - 1)),
-                   "images_per_second": meter.images / epoch_seconds,
-                   "epoch_seconds": epoch_seconds, "eval_seconds": time.perf_counter() - start}
-            timing["train_seconds"] += epoch_seconds
-            history.append(row)
-            checkpoints.save(state, is_best=row["test_accuracy"] > best)
-            best = max(best, row["test_accuracy"])
-            run.write_metrics(history)
-            if config.progress:
-                print(format_row(row), flush=True)
+        with StopOnSignal() as stop:
+            for epoch in range(start_step // steps_per_epoch, config.epochs):
+                order = epoch_order(order_key, epoch, num_examples, config.batch_size,
+                                    padded_steps)
+                first_row = max(start_step - epoch * steps_per_epoch, 0)
+                meter = _EpochMeter(steps_per_epoch, first_row, config.batch_size, epoch,
+                                    f"epoch {epoch + 1}/{config.epochs}", config.progress,
+                                    partial if first_row else {})
+                pending = []
+                for first in range(first_row, steps_per_epoch, per_dispatch):
+                    state, metrics = compiled(step, state, arrays, order, num_steps,
+                                              np.int32(first), step_key)
+                    state = faults.reach("step", state)
+                    pending.append(metrics)
+                    last = min(first + per_dispatch, steps_per_epoch)
+                    begun = epoch * steps_per_epoch
+                    crossed = every and (begun + last) // every > (begun + first) // every
+                    if last < steps_per_epoch and (crossed or stop.received):
+                        meter.add(pending, run)
+                        pending = []
+                        check_finite(state, run)
+                        checkpoints.save(state, meter.snapshot())
+                        faults.reach("checkpoint")
+                        stop.raise_if_stopping(state, checkpoints)
+                    elif last >= min(steps_per_epoch, meter.done + fetch_every):
+                        meter.add(pending, run)
+                        pending = []
+                epoch_seconds = meter.close()
+                check_finite(state, run)
+                start = time.perf_counter()
+                row = {"epoch": epoch + 1, "step": int(state.step), **meter.means(),
+                       **evaluate(state), "learning_rate": float(schedule(int(state.step) - 1)),
+                       "images_per_second": meter.images / epoch_seconds,
+                       "epoch_seconds": epoch_seconds,
+                       "eval_seconds": time.perf_counter() - start}
+                faults.reach("eval")
+                timing["train_seconds"] += epoch_seconds
+                history.append(row)
+                run.write_metrics(history)
+                faults.reach("metrics")
+                checkpoints.save(state, {}, is_best=row["test_accuracy"] > best)
+                faults.reach("checkpoint")
+                best = max(best, row["test_accuracy"])
+                if config.progress:
+                    print(format_row(row), flush=True)
+                stop.raise_if_stopping(state, checkpoints)
     finally:
         checkpoints.close()
     timing["checkpoint"] = str(checkpoints.latest_path())
     return state, history, timing
 
 
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+    return jax.tree.reduce(jnp.logical_and, jax.tree.map(lambda a: jnp.all(jnp.isfinite(a)), tree))
+
+
+def check_finite(state: TrainState, run: RunDir) -> None:
+    """Refuse to evaluate or checkpoint non-finite weights.
+
+    The loss check sees a step's loss, computed before its update: a finite loss with
+    non-finite gradients leaves NaN weights that only the next step's loss would reveal, too
+    late if a checkpoint is written in between.
+    """
+    if not bool(_all_finite((state.params, state.batch_stats))):
+        raise KdError(f"non-finite weights after step {int(state.step)}; stopped, the last good "
+                      f"checkpoint is kept in {run.path / 'checkpoints'}")
+
+
+def _restore_best(checkpoints: RunCheckpoints, state: TrainState, history: list[dict]) -> None:
+    """Save the resumed state as the best if its epoch is the best and a kill cut that save."""
+    best_row = max(history, key=lambda row: row["test_accuracy"], default=None)
+    if best_row is not None and best_row["step"] == int(state.step):
+        checkpoints.save_best(state)
+
+
+class StopOnSignal:
+    """SIGTERM and SIGINT (preemption, Ctrl-C) as a request to stop at the next step boundary.
+
+    The loop then writes a checkpoint and :meth:`raise_if_stopping` ends the run with
+    :class:`Interrupted`, which says how to resume. A second signal stops at once, without a
+    checkpoint. Handlers are installed only in the main thread (Python allows no other) and
+    the previous ones come back on exit.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __enter__(self) -> StopOnSignal:
+        self.received: int | None = None
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+        print(f"\n{signal.Signals(signum).name} received: stopping after this step to write a "
+              "checkpoint (send it again to stop at once, without one)", file=sys.stderr,
+              flush=True)
+
+    def raise_if_stopping(self, state: TrainState, checkpoints: RunCheckpoints) -> None:
+        if self.received is not None:
+            raise Interrupted(f"stopped by {signal.Signals(self.received).name} at step "
+                              f"{int(state.step)}; checkpoint saved in "
+                              f"{checkpoints.latest_path()}; rerun the same command with "
+                              "--resume to continue", self.received)
+
+
 class _EpochMeter:
-    """Per-epoch bookkeeping: fetched metrics, the NaN check, the progress bar, the clock."""
+    """Per-epoch bookkeeping: fetched metrics, the NaN check, the progress bar, the clock.
+
+    Metric sums are accumulated one step at a time in float64, in step order, so they do not
+    depend on how steps were grouped into fetches, nor on where a resumed run restarted.
+    """
 
     def __init__(self, steps: int, first: int, batch_size: int, epoch: int, desc: str,
-                 show: bool):
+                 show: bool, partial: dict):
         self.steps, self.done, self.batch_size, self.epoch = steps, first, batch_size, epoch
         self.first = first
-        self.sums: dict[str, float] = {}
+        self.sums: dict[str, float] = dict(partial.get("sums", {}))
+        self.counted = partial.get("steps", 0)
         self.bar = tqdm(total=steps, initial=first, disable=not show, desc=desc, unit="step",
                         leave=False)
         self.start = time.perf_counter()
@@ -335,15 +443,21 @@ class _EpochMeter:
             raise KdError(f"non-finite {loss_name} at step {bad}; stopped, the last good "
                           f"checkpoint is kept in {run.path / 'checkpoints'}")
         for k, v in fetched.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v.sum())
+            for x in v.tolist():
+                self.sums[k] = self.sums.get(k, 0.0) + x
+        self.counted += len(losses)
         self.done += len(losses)
         self.bar.update(len(losses))
         elapsed = time.perf_counter() - self.start
         self.bar.set_postfix({loss_name: f"{losses[-1]:.3f}",
                               "img/s": f"{self.images / elapsed:.0f}"})
 
+    def snapshot(self) -> dict:
+        """The sums so far, for a mid-epoch checkpoint (JSON keeps floats exactly)."""
+        return {"sums": self.sums, "steps": self.counted}
+
     def means(self) -> dict[str, float]:
-        return {k: v / (self.done - self.first) for k, v in self.sums.items()}
+        return {k: v / self.counted for k, v in self.sums.items()}
 
     def close(self) -> float:
         """Seconds since the epoch began (all its metrics were fetched: the device is done)."""
