@@ -90,10 +90,10 @@ def test_omit_class_removes_every_image_of_that_class():
 def test_checkpoint_round_trip(tmp_path):
     _, state = small_state(4)
     checkpoints = RunCheckpoints(tmp_path)
-    checkpoints.save(state.replace(step=7), is_best=True)
+    checkpoints.save(state.replace(step=7), {"train_loss": 1.5}, is_best=True)
     checkpoints.close()
-    restored = RunCheckpoints(tmp_path).restore_latest(state)
-    assert int(restored.step) == 7
+    restored, meter = RunCheckpoints(tmp_path).restore_latest(state)
+    assert int(restored.step) == 7 and meter == {"train_loss": 1.5}
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(restored.params), strict=True):
         np.testing.assert_array_equal(a, b)
 
