@@ -82,5 +82,9 @@ def load_frozen(workdir: str | Path) -> FrozenModel:
             restored = checkpointer.restore(path / "default")
     except Exception as e:  # orbax raises many kinds of errors for damaged files
         raise KdError(f"{path}: corrupt or unreadable checkpoint ({type(e).__name__})") from None
-    variables = {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}
+    # Models without BatchNorm (MLPs) have no batch_stats collection: leave it out rather
+    # than add an empty one, so the tree matches the model's own variables.
+    variables = {"params": restored["params"]}
+    if restored.get("batch_stats"):
+        variables["batch_stats"] = restored["batch_stats"]
     return FrozenModel(config, variables, path)
