@@ -64,7 +64,7 @@ class FrozenModel:
 
 def load_frozen(workdir: str | Path) -> FrozenModel:
     """Restore the last checkpoint of a finished (or interrupted) run for inference."""
-    workdir = Path(workdir)
+    workdir = Path(workdir).absolute()  # orbax refuses relative paths
     config_path = workdir / "config.json"
     if not config_path.is_file():
         raise KdError(f"{workdir}: not a kd-jax run (no config.json)")

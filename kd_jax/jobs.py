@@ -196,6 +196,7 @@ def distill(config: DistillConfig) -> dict:
 
     logits = job.test_logits(state)
     summary = {"job": "distill", **job.describe(config.student, state),
+               "transfer_images": len(transfer),
                "teacher_dir": str(teacher_dir), "teacher_model": teacher_name,
                "temperature": config.temperature, "alpha": config.alpha, **history[-1], **timing,
                "per_class_accuracy": metrics.per_class_accuracy(logits, labels,

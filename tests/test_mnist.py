@@ -223,22 +223,25 @@ def test_configs_are_valid(name, cls):
     assert config.dataset == "mnist" and config.crop_pad in (0, 2) and not config.flip
 
 
-def test_teacher_then_left_out_distillation_end_to_end(tmp_path):
+def test_teacher_then_left_out_distillation_end_to_end(tmp_path, monkeypatch):
     """Both entry points' jobs on tiny IDX files: an MLP teacher restores for distillation
-    (no BatchNorm statistics) and the fixed and automatic offsets are reported."""
+    (no BatchNorm statistics, from a relative --teacher-dir) and the fixed and automatic
+    offsets are reported."""
     write_mnist(tmp_path / "data", n_train=256, n_test=100)
+    monkeypatch.chdir(tmp_path)
     common = dict(dataset="mnist", data_dir=str(tmp_path / "data"), epochs=1, batch_size=32,
                   eval_batch_size=50, crop_pad=2, flip=False, progress=False, dtype="float32")
     jobs.train_teacher(TeacherConfig(model="mlp2", width=32, dropout=0.5, input_dropout=0.2,
                                      max_norm=3.0, workdir=str(tmp_path / "t"), **common))
     summary = jobs.distill(DistillConfig(student="mlp2", student_width=16, temperature=20.0,
-                                         teacher_dir=str(tmp_path / "t"), transfer_classes="7,8",
+                                         teacher_dir="t", transfer_classes="7,8",
                                          bias_offset=7.6, holdout=64,
                                          workdir=str(tmp_path / "s"), **common))
     report = summary["omitted_class"]
     assert report["class"] == "0,1,2,3,4,5,6,9" and report["holdout_images"] == 64
     assert report["fixed_offset"] == 7.6 and "test_errors_after_fixed_offset" in report
     assert summary["train_images"] == 256
+    assert summary["transfer_images"] == 38  # the 7s and 8s among the first 256 - 64
 
 
 @pytest.mark.slow
