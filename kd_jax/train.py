@@ -63,7 +63,8 @@ def max_norm(limit: float) -> optax.GradientTransformation:
 
     Hinton et al. (2012)'s constraint for dropout nets: instead of penalising big weights,
     project each column of a kernel (all axes but the last: the weights into one unit) back
-    onto the ball after every update, which allows a large learning rate without blow-up.
+    onto the ball after every update, so that weights cannot grow without bound even at the
+    large learning rates Hinton et al. used.
     Written as the last transformation of a chain: it returns the update that lands the
     parameters on the projection. Biases (ndim < 2) are left free.
     """

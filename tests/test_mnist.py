@@ -256,3 +256,16 @@ def test_student_reaches_90_percent_on_real_mnist(tmp_path):
     config.train_subset, config.epochs = 12_800, 3
     summary = jobs.train_teacher(config)
     assert summary["step"] == 300 and summary["test_accuracy"] > 0.90
+
+
+def test_cli_reports_a_bad_idx_file_in_one_line(tmp_path, capsys):
+    from kd_jax.cli import main
+
+    write_mnist(tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x05")
+    code = main(TeacherConfig, jobs.train_teacher, "",
+                ["--dataset", "mnist", "--data-dir", str(tmp_path), "--model", "mlp1",
+                 "--workdir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("error: ") and "t10k-labels-idx1-ubyte: size 8 bytes" in err
