@@ -98,7 +98,7 @@ class FrozenModel:
 
 def load_frozen(workdir: str | Path) -> FrozenModel:
     """Restore the last checkpoint of a finished (or interrupted) run for inference."""
-    workdir = Path(workdir)
+    workdir = Path(workdir).absolute()  # orbax refuses relative paths
     config_path = workdir / "config.json"
     if not config_path.is_file():
         raise KdError(f"{workdir}: not a kd-jax run (no config.json)")
@@ -116,5 +116,9 @@ def load_frozen(workdir: str | Path) -> FrozenModel:
             restored = checkpointer.restore(path / "default")
     except Exception as e:  # orbax raises many kinds of errors for damaged files
         raise KdError(f"{path}: corrupt or unreadable checkpoint ({type(e).__name__})") from None
-    variables = {"params": restored["params"], "batch_stats": restored.get("batch_stats", {})}
+    # Models without BatchNorm (MLPs) have no batch_stats collection: leave it out rather
+    # than add an empty one, so the tree matches the model's own variables.
+    variables = {"params": restored["params"]}
+    if restored.get("batch_stats"):
+        variables["batch_stats"] = restored["batch_stats"]
     return FrozenModel(config, variables, path)

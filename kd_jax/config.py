@@ -33,6 +33,9 @@ class RunConfig:
     dtype: str = "auto"  # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU
     crop_pad: int = 4  # random translation by up to this many pixels (0 = none)
     flip: bool = True  # random horizontal flips
+    dropout: float = 0.0  # MLPs: dropout rate of hidden units (Hinton et al. 2012: 0.5)
+    input_dropout: float = 0.0  # MLPs: dropout rate of input pixels (Hinton et al. 2012: 0.2)
+    max_norm: float = 0.0  # > 0: cap each unit's incoming weight norm after every update
     train_subset: int | None = None  # use only the first N training images
     steps_per_dispatch: int = 0  # train steps per jitted call (0 = about 10 calls per epoch)
     seed: int = 0
@@ -53,6 +56,10 @@ class RunConfig:
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
             (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
             (self.crop_pad >= 0, f"crop_pad must be >= 0, got {self.crop_pad}"),
+            (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
+            (0 <= self.input_dropout < 1,
+             f"input_dropout must be in [0, 1), got {self.input_dropout}"),
+            (self.max_norm >= 0, f"max_norm must be >= 0, got {self.max_norm}"),
             (self.steps_per_dispatch >= 0,
              f"steps_per_dispatch must be >= 0, got {self.steps_per_dispatch}"),
             (self.checkpoint_every_steps >= 0,
@@ -95,7 +102,11 @@ class DistillConfig(RunConfig):
     temperature: float = 4.0
     alpha: float = 1.0  # weight of the soft term; 1 = labels are never read
     omit_class: str | None = None  # drop this class from the transfer set (Hinton sec. 3)
-    holdout: int = 5000  # with omit_class: last N training images kept to choose the bias
+    transfer_classes: str | None = None  # e.g. "7,8": the transfer set holds only these
+    holdout: int = 5000  # with either: last N training images kept aside to choose the bias
+    # Also report this fixed offset added to the left-out classes' logits (the paper's 3.5 for
+    # an omitted 3; 7.6 for "only 7s and 8s", the same as lowering 7 and 8 by 7.6).
+    bias_offset: float | None = None
 
     def validate(self) -> None:
         super().validate()
@@ -105,6 +116,8 @@ class DistillConfig(RunConfig):
             raise KdError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.holdout < 1:
             raise KdError(f"holdout must be >= 1, got {self.holdout}")
+        if self.omit_class and self.transfer_classes:
+            raise KdError("--omit-class and --transfer-classes exclude each other")
 
 
 def _field_types(cls: type) -> dict[str, type]:

@@ -1,9 +1,11 @@
-"""CIFAR-10 sources -> validated uint8 arrays, and the augmentation that runs inside jit.
+"""CIFAR-10 and MNIST sources -> validated uint8 arrays, and the augmentation that runs inside jit.
 
 Sources, in order: a local folder (``--data-dir`` or ``$KD_JAX_DATA_DIR``) in the standard
 *binary* layout (``data_batch_{1..5}.bin``, ``test_batch.bin``) or *python* layout
 (``cifar-10-batches-py``); else the official archive fetched once by tensorflow-datasets'
 download manager, checked against the checksum tfds registers for it, and cached.
+
+MNIST is read from a local folder holding the four official IDX files (plain or ``.gz``).
 
 Everything returned is host numpy (uint8 NHWC images, int32 labels); the training loop puts it
 on the device once. Augmentation is pure jax on uint8 batches, so it runs inside the jitted step.
@@ -11,7 +13,9 @@ on the device once. Augmentation is pure jax on uint8 batches, so it runs inside
 
 from __future__ import annotations
 
+import gzip
 import io
+import math
 import os
 import pickle
 import tarfile
@@ -31,6 +35,10 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
 # Per-channel statistics of the official CIFAR-10 training set (fraction of 255).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+MNIST_CLASSES = tuple(str(d) for d in range(10))
+# Statistics of the official MNIST training set (fraction of 255).
+MNIST_MEAN = (0.1307,)
+MNIST_STD = (0.3081,)
 _RECORD_BYTES = 1 + 32 * 32 * 3
 # An official batch file holds 10,000 images; refusing bigger files before reading them keeps
 # a wrong path (a disk image, a video) from being pulled into memory.
@@ -276,6 +284,90 @@ def download_cifar10(cache_dir: Path | None = None, url: str = CIFAR10_URL,
     return extracted
 
 
+# --------------------------------------------------------------------------- MNIST (IDX files)
+_IDX_UBYTE_MAGIC = {1: 0x00000801, 3: 0x00000803}  # unsigned bytes, 1-D labels / 3-D images
+_MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def _read_file_bytes(path: Path) -> bytes:
+    """The bytes of ``path``, or of ``path.gz`` decompressed when only that exists."""
+    gz = path.with_name(path.name + ".gz")
+    if path.is_file():
+        return path.read_bytes()
+    if gz.is_file():
+        try:
+            return gzip.decompress(gz.read_bytes())
+        except (OSError, EOFError) as e:
+            raise KdError(f"{gz}: not a readable gzip file ({e})") from None
+    raise KdError(f"{path}: file not found")
+
+
+def read_idx(path: Path, ndim: int) -> np.ndarray:
+    """Read an IDX file of unsigned bytes with ``ndim`` dimensions (LeCun's MNIST format).
+
+    Header: 4 magic bytes (0, 0, type 0x08 = ubyte, ndim), then ``ndim`` big-endian uint32
+    sizes, then the data. Everything is checked before it is trusted: a truncated or wrong
+    file names itself instead of producing a garbage array.
+    """
+    raw = _read_file_bytes(path)
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise KdError(f"{path}: {len(raw)} bytes is too short for an IDX header")
+    magic = int.from_bytes(raw[:4], "big")
+    if magic != _IDX_UBYTE_MAGIC[ndim]:
+        raise KdError(f"{path}: magic number {magic:#010x}, expected "
+                      f"{_IDX_UBYTE_MAGIC[ndim]:#010x} (an IDX file of {ndim}-D unsigned bytes)")
+    dims = tuple(int(d) for d in np.frombuffer(raw[4:header], dtype=">u4"))
+    expected = header + math.prod(dims)
+    if len(raw) != expected:
+        raise KdError(f"{path}: size {len(raw)} bytes does not match its header "
+                      f"(dimensions {dims} need {expected})")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def read_mnist_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """One split's (uint8 images [N, 28, 28, 1], int32 labels [N]), validated."""
+    image_file, label_file = (folder / name for name in _MNIST_FILES[split])
+    images = read_idx(image_file, 3)
+    labels = read_idx(label_file, 1)
+    if images.shape[1:] != (28, 28):
+        raise KdError(f"{image_file}: images are {images.shape[1]}x{images.shape[2]}, "
+                      "MNIST's are 28x28")
+    if len(labels) != len(images):
+        raise KdError(f"{label_file}: {len(labels)} labels for the {len(images)} images "
+                      f"in {image_file.name}")
+    return images[..., None].copy(), _checked_labels(labels.astype(np.int32), label_file)
+
+
+def find_mnist_folder(root: Path) -> Path | None:
+    """The folder holding the MNIST IDX files: ``root`` itself or ``root/mnist``."""
+    for folder in (root, root / "mnist"):
+        name = _MNIST_FILES["train"][0]
+        if (folder / name).exists() or (folder / f"{name}.gz").exists():
+            return folder
+    return None
+
+
+def load_mnist(data_dir: str | os.PathLike | None = None) -> Dataset:
+    """Load MNIST from the IDX files in ``data_dir`` or ``$KD_JAX_DATA_DIR`` (or their mnist/)."""
+    data_dir = data_dir or os.environ.get(DATA_DIR_ENV)
+    if not data_dir:
+        raise KdError(f"MNIST is read from local IDX files: pass --data-dir or set {DATA_DIR_ENV}")
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise KdError(f"{root}: data directory not found")
+    folder = find_mnist_folder(root)
+    if folder is None:
+        raise KdError(f"{root}: no MNIST here (expected train-images-idx3-ubyte, "
+                      "train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, "
+                      "plain or .gz, here or in mnist/)")
+    train_images, train_labels = read_mnist_split(folder, "train")
+    test_images, test_labels = read_mnist_split(folder, "test")
+    return Dataset("mnist", train_images, train_labels, test_images, test_labels, MNIST_CLASSES,
+                   MNIST_MEAN, MNIST_STD)
+
+
 # --------------------------------------------------------------------------- augmentation
 def random_crop(key: jax.Array, images: jax.Array, pad: int) -> jax.Array:
     """Translate each image by up to ``pad`` pixels in each direction, filling with zeros.
@@ -337,4 +429,4 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Datase
     return LOADERS[name](data_dir)
 
 
-LOADERS = {"cifar10": load_cifar10}
+LOADERS = {"cifar10": load_cifar10, "mnist": load_mnist}

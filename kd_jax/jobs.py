@@ -8,6 +8,7 @@ take labels. Labels reach the student job's evaluation only.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -52,7 +53,8 @@ class _Job:
         self.dataset = load_dataset(config.dataset, config.data_dir).take_train(config.train_subset)
         self.mesh: Mesh = make_mesh()
         self.dtype = compute_dtype(config.dtype)
-        self.model = create_model(model, self.dataset.num_classes, width, self.dtype)
+        self.model = create_model(model, self.dataset.num_classes, width, self.dtype,
+                                  config.dropout, config.input_dropout)
         self.augmentation = Augmentation(config.crop_pad, config.flip, self.dataset.mean,
                                          self.dataset.std)
         self.predict = make_predict(self.model, self.augmentation, config.eval_batch_size,
@@ -67,7 +69,7 @@ class _Job:
         steps_per_epoch = max(num_train // c.batch_size, 1)
         tx, self.schedule = make_optimizer(c.learning_rate, c.weight_decay, c.momentum,
                                            round(c.warmup_epochs * steps_per_epoch),
-                                           c.epochs * steps_per_epoch)
+                                           c.epochs * steps_per_epoch, c.max_norm)
         variables = init_variables(self.model, self.dataset.image_shape, c.seed)
         return create_state(self.model, variables, tx)
 
@@ -135,21 +137,33 @@ def class_id(dataset: Dataset, name: str) -> int:
     return dataset.class_names.index(name)
 
 
-def split_transfer_set(labels: np.ndarray, omit: int | None,
+def left_out_classes(dataset: Dataset, config: DistillConfig) -> list[int]:
+    """The classes the transfer set lacks: ``--omit-class``, or all but ``--transfer-classes``."""
+    if config.omit_class:
+        return [class_id(dataset, config.omit_class)]
+    if config.transfer_classes:
+        kept = {class_id(dataset, name.strip()) for name in config.transfer_classes.split(",")}
+        return [c for c in range(dataset.num_classes) if c not in kept]
+    return []
+
+
+def split_transfer_set(labels: np.ndarray, omit: int | Sequence[int] | None,
                        holdout: int) -> tuple[np.ndarray, np.ndarray]:
     """(transfer-set indices, held-out indices) into the training set.
 
-    Without an omitted class the student learns from every training image. With one, the last
-    ``holdout`` images are kept aside (to choose the omitted class's logit offset, so the test
-    set never picks it) and every image of the omitted class is dropped from the rest.
+    Without an omitted class the student learns from every training image. With one (or
+    several), the last ``holdout`` images are kept aside (to choose the omitted classes' logit
+    offset, so the test set never picks it) and every image of an omitted class is dropped
+    from the rest.
     """
     n = len(labels)
-    if omit is None:
+    omit = [] if omit is None else list(np.atleast_1d(omit))
+    if not omit:
         return np.arange(n), np.arange(0)
     if not holdout < n:
         raise KdError(f"holdout {holdout} leaves no training images out of {n}")
     kept = np.arange(n - holdout)
-    return kept[labels[kept] != omit], np.arange(n - holdout, n)
+    return kept[~np.isin(labels[kept], omit)], np.arange(n - holdout, n)
 
 
 def restore_teacher(workdir, job: _Job):
@@ -190,7 +204,7 @@ def distill(config: DistillConfig) -> dict:
     teacher_dir = config.teacher_dir
     job = _Job(config, "distill", config.student, config.student_width)
     dataset, labels = job.dataset, job.dataset.test_labels
-    omit = class_id(dataset, config.omit_class) if config.omit_class else None
+    omit = left_out_classes(dataset, config)
     teacher_name, teacher_model, teacher_variables = restore_teacher(teacher_dir, job)
     teacher_logits = np.asarray(make_predict(teacher_model, job.augmentation,
                                              config.eval_batch_size, job.mesh)(
@@ -217,32 +231,52 @@ def distill(config: DistillConfig) -> dict:
 
     logits = job.test_logits(state)
     summary = {"job": "distill", **job.describe(config.student, state),
+               "transfer_images": len(transfer),
                "teacher_dir": str(teacher_dir), "teacher_model": teacher_name,
                "temperature": config.temperature, "alpha": config.alpha, **history[-1], **timing,
                "per_class_accuracy": metrics.per_class_accuracy(logits, labels,
                                                                 dataset.class_names),
                "teacher_per_class_accuracy": metrics.per_class_accuracy(
                    teacher_logits, labels, dataset.class_names)}
-    if omit is not None:
+    if omit:
         held_logits = np.asarray(job.predict(inference_variables(state),
                                              job.to_device(dataset.train_images[held_out])))
         summary["omitted_class"] = omitted_class_report(
             logits, labels, held_logits, dataset.train_labels[held_out], omit,
-            config.omit_class)
+            ",".join(dataset.class_names[c] for c in omit), config.bias_offset)
     return job.finish(summary, history, ["distill_loss", "test_accuracy", "agreement",
                                          "test_kl", "epoch_seconds"], teacher_accuracy)
 
 
 def omitted_class_report(test_logits: np.ndarray, test_labels: np.ndarray,
-                         held_logits: np.ndarray, held_labels: np.ndarray, omit: int,
-                         name: str) -> dict:
-    """Accuracy on the class the student never saw, before and after the logit offset
-    chosen on held-out training images (Hinton et al. 2015, sec. 3)."""
-    offset = metrics.best_logit_offset(held_logits, held_labels, [omit])
-    shifted = metrics.shift_logits(test_logits, [omit], offset)
-    of_class = test_labels == omit
-    return {"class": name, "holdout_images": len(held_labels),
-            "class_accuracy": float(np.mean(test_logits[of_class].argmax(-1) == omit)),
-            "offset": offset,
-            "class_accuracy_after_offset": float(np.mean(shifted[of_class].argmax(-1) == omit)),
-            "test_accuracy_after_offset": float(np.mean(shifted.argmax(-1) == test_labels))}
+                         held_logits: np.ndarray, held_labels: np.ndarray,
+                         omit: int | Sequence[int], name: str,
+                         fixed_offset: float | None = None) -> dict:
+    """Accuracy on the classes the student never saw, before and after the logit offset
+    chosen on held-out training images (Hinton et al. 2015, sec. 3), and after
+    ``fixed_offset`` when one is given. Error counts are out of the whole test set.
+
+    Raising the left-out classes' logits by ``b`` changes no prediction that lowering every
+    other class's by ``b`` would not, so one rule covers both of the paper's cases: +3.5 to an
+    omitted 3, and -7.6 to 7 and 8 when only they were seen (= +7.6 to the other eight).
+    """
+    classes = list(np.atleast_1d(omit))
+    of_class = np.isin(test_labels, classes)
+
+    def figures(logits: np.ndarray, suffix: str) -> dict:
+        right = logits.argmax(-1) == test_labels
+        return {f"class_accuracy{suffix}": float(np.mean(right[of_class])),
+                f"class_errors{suffix}": int(np.sum(~right[of_class])),
+                f"test_accuracy{suffix}": float(np.mean(right)),
+                f"test_errors{suffix}": int(np.sum(~right))}
+
+    offset = metrics.best_logit_offset(held_logits, held_labels, classes)
+    report = {"class": name, "holdout_images": len(held_labels),
+              "class_images": int(np.sum(of_class)), **figures(test_logits, ""),
+              "offset": offset,
+              **figures(metrics.shift_logits(test_logits, classes, offset), "_after_offset")}
+    if fixed_offset is not None:
+        report["fixed_offset"] = fixed_offset
+        report.update(figures(metrics.shift_logits(test_logits, classes, fixed_offset),
+                              "_after_fixed_offset"))
+    return report

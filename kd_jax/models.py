@@ -1,9 +1,12 @@
-"""Model zoo: CIFAR-stem ResNets, built by name from a registry.
+"""Model zoo: CIFAR-stem ResNets and MNIST MLPs, built by name from a registry.
 
 The ResNet follows the common PyTorch CIFAR ResNet (kuangliu/pytorch-cifar): a 3x3 stride-1
 stem with no max-pool, BasicBlocks, stages of width, 2*width, 4*width, 8*width with strides
 1/2/2/2, BatchNorm, global average pooling and a dense head. With ``width=64`` and 10 classes
 ``resnet18`` has exactly 11,173,962 parameters, the figure users compare against.
+
+The MLPs are the nets of Hinton et al. (2015, sec. 3): ``mlp2`` at width 1200 is the MNIST
+teacher 784-1200-1200-10, at width 800 the student 784-800-800-10.
 """
 
 from __future__ import annotations
@@ -69,25 +72,64 @@ class ResNet(nn.Module):
         return x.astype(jnp.float32)
 
 
+class MLP(nn.Module):
+    """Fully connected ReLU net on flattened images, with Hinton et al. (2012)'s dropout.
+
+    ``input_dropout`` drops pixels, ``dropout`` hidden units; both are active only when
+    ``train`` is true (the train step passes a ``dropout`` rng).
+    """
+
+    hidden: Sequence[int]
+    num_classes: int = 10
+    dropout: float = 0.0
+    input_dropout: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        dense = partial(nn.Dense, dtype=self.dtype,
+                        kernel_init=nn.initializers.variance_scaling(2.0, "fan_in", "normal"))
+        x = x.reshape(x.shape[0], -1).astype(self.dtype)
+        x = nn.Dropout(self.input_dropout, deterministic=not train)(x)
+        for units in self.hidden:
+            x = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(dense(units)(x)))
+        return dense(self.num_classes)(x).astype(jnp.float32)
+
+
+def _mlp(depth: int) -> Callable[..., nn.Module]:
+    def build(num_classes: int, width: int, dtype: Any, dropout: float,
+              input_dropout: float) -> nn.Module:
+        return MLP(hidden=(width,) * depth, num_classes=num_classes, dropout=dropout,
+                   input_dropout=input_dropout, dtype=dtype)
+
+    return build
+
+
 def _resnet(stage_sizes: Sequence[int]) -> Callable[..., nn.Module]:
-    def build(num_classes: int, width: int, dtype: Any, dropout: float) -> nn.Module:
-        del dropout  # ResNets are regularised by augmentation and weight decay only.
+    def build(num_classes: int, width: int, dtype: Any, dropout: float,
+              input_dropout: float) -> nn.Module:
+        del dropout, input_dropout  # ResNets are regularised by augmentation and weight decay.
         return ResNet(stage_sizes=stage_sizes, num_classes=num_classes, width=width, dtype=dtype)
 
     return build
 
 
-# name -> (builder, default width). ``width`` is the first stage's channels for ResNets.
+# name -> (builder, default width). ``width`` is the first stage's channels for ResNets and
+# the units of every hidden layer for MLPs (``mlpN`` has N hidden layers).
 MODELS: dict[str, tuple[Callable[..., nn.Module], int]] = {
     "resnet8": (_resnet((1, 1, 1)), 64),
     "resnet10": (_resnet((1, 1, 1, 1)), 64),
     "resnet18": (_resnet((2, 2, 2, 2)), 64),
     "resnet34": (_resnet((3, 4, 6, 3)), 64),
+    "mlp1": (_mlp(1), 800),
+    "mlp2": (_mlp(2), 1200),
+    "mlp3": (_mlp(3), 1200),
 }
 
 
 def create_model(name: str, num_classes: int = 10, width: int | None = None,
-                 dtype: Any = jnp.float32, dropout: float = 0.0) -> nn.Module:
+                 dtype: Any = jnp.float32, dropout: float = 0.0,
+                 input_dropout: float = 0.0) -> nn.Module:
     """Build a registered model; raises ``KdError`` naming the choices for an unknown name."""
     if name not in MODELS:
         raise KdError(f"unknown model {name!r}; choose one of: {', '.join(sorted(MODELS))}")
@@ -95,7 +137,7 @@ def create_model(name: str, num_classes: int = 10, width: int | None = None,
     width = default_width if width is None else width
     if width < 1:
         raise KdError(f"width must be >= 1, got {width}")
-    return builder(num_classes, width, dtype, dropout)
+    return builder(num_classes, width, dtype, dropout, input_dropout)
 
 
 def init_variables(model: nn.Module, image_shape: Sequence[int], seed: int) -> dict:

@@ -68,13 +68,40 @@ def check_batch_size(batch_size: int, num_examples: int, mesh: Mesh) -> None:
     check_divisible(batch_size, mesh)
 
 
+def max_norm(limit: float) -> optax.GradientTransformation:
+    """Keep every unit's incoming weight vector within an L2 ball of radius ``limit``.
+
+    Hinton et al. (2012)'s constraint for dropout nets: instead of penalising big weights,
+    project each column of a kernel (all axes but the last: the weights into one unit) back
+    onto the ball after every update, so that weights cannot grow without bound even at the
+    large learning rates Hinton et al. used.
+    Written as the last transformation of a chain: it returns the update that lands the
+    parameters on the projection. Biases (ndim < 2) are left free.
+    """
+    def project(param: jax.Array, update: jax.Array) -> jax.Array:
+        if param.ndim < 2:
+            return update
+        new = param + update
+        norms = jnp.sqrt(jnp.sum(jnp.square(new), axis=tuple(range(new.ndim - 1)),
+                                 keepdims=True))
+        return new * jnp.minimum(1.0, limit / jnp.maximum(norms, 1e-12)) - param
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("max_norm needs the parameters: pass params to tx.update")
+        return jax.tree.map(project, params, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(learning_rate: float, weight_decay: float, momentum: float,
-                   warmup_steps: int,
-                   total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+                   warmup_steps: int, total_steps: int,
+                   max_norm_limit: float = 0.0) -> tuple[optax.GradientTransformation,
+                                                          optax.Schedule]:
     """SGD with Nesterov momentum; linear warmup to the peak, then linear decay to zero.
 
     Weight decay is applied to kernels only (ndim > 1): decaying BN scales and biases only
-    fights the normalisation.
+    fights the normalisation. ``max_norm_limit > 0`` adds :func:`max_norm` after the step.
     """
     warmup_steps = min(warmup_steps, total_steps - 1)
     schedule = optax.join_schedules(
@@ -82,8 +109,11 @@ def make_optimizer(learning_rate: float, weight_decay: float, momentum: float,
          optax.linear_schedule(learning_rate, 0.0, total_steps - warmup_steps)],
         [warmup_steps])
     kernels_only = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
-    return optax.chain(optax.add_decayed_weights(weight_decay, mask=kernels_only),
-                       optax.sgd(schedule, momentum=momentum, nesterov=True)), schedule
+    chain = [optax.add_decayed_weights(weight_decay, mask=kernels_only),
+             optax.sgd(schedule, momentum=momentum, nesterov=True)]
+    if max_norm_limit > 0:
+        chain.append(max_norm(max_norm_limit))
+    return optax.chain(*chain), schedule
 
 
 def create_state(model: nn.Module, variables: dict, tx: optax.GradientTransformation) -> TrainState:

@@ -1,0 +1,271 @@
+"""MNIST (Hinton et al. 2015, sec. 3): the IDX loader, jitter, the MLPs, max-norm, the
+left-out-classes distillation, and a short real-data run when ../shared/data/mnist exists."""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kd_jax import data, jobs
+from kd_jax.config import DistillConfig, TeacherConfig, load_yaml
+from kd_jax.errors import KdError
+from kd_jax.models import create_model, init_variables
+from kd_jax.train import create_state, make_optimizer, teacher_step
+
+ROOT = Path(__file__).resolve().parent.parent
+FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+         "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def idx_bytes(array: np.ndarray, magic: int | None = None) -> bytes:
+    """``array`` (uint8) as an IDX file: magic, big-endian dimensions, data."""
+    magic = 0x800 + array.ndim if magic is None else magic
+    dims = np.asarray(array.shape, dtype=">u4").tobytes()
+    return magic.to_bytes(4, "big") + dims + array.astype(np.uint8).tobytes()
+
+
+def write_mnist(folder: Path, n_train: int = 40, n_test: int = 20, gz: bool = False,
+                seed: int = 0) -> dict[str, np.ndarray]:
+    """Tiny MNIST-shaped IDX files whose images encode their label (so a net can learn them)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        images = rng.integers(0, 40, (n, 28, 28), dtype=np.uint8)
+        for i, label in enumerate(labels):
+            images[i, 4 + 2 * label: 6 + 2 * label, 4:24] = 255
+        for name, array in zip(FILES[split], (images, labels), strict=True):
+            raw = idx_bytes(array)
+            if gz:
+                (folder / f"{name}.gz").write_bytes(gzip.compress(raw))
+            else:
+                (folder / name).write_bytes(raw)
+        arrays[split] = (images, labels)
+    return arrays
+
+
+def real_mnist_dir() -> Path | None:
+    for root in (os.environ.get(data.DATA_DIR_ENV), ROOT.parent / "shared" / "data"):
+        if root and data.find_mnist_folder(Path(root)) is not None:
+            return Path(root)
+    return None
+
+
+# --------------------------------------------------------------------------- loader
+@pytest.mark.parametrize("gz", [False, True])
+def test_load_mnist_reads_idx_files(tmp_path, gz):
+    arrays = write_mnist(tmp_path / "mnist", gz=gz)
+    dataset = data.load_dataset("mnist", tmp_path)  # finds the mnist/ folder
+    assert dataset.name == "mnist"
+    assert dataset.train_images.shape == (40, 28, 28, 1) and dataset.image_shape == (28, 28, 1)
+    assert dataset.train_images.dtype == np.uint8 and dataset.train_labels.dtype == np.int32
+    np.testing.assert_array_equal(dataset.train_images[..., 0], arrays["train"][0])
+    np.testing.assert_array_equal(dataset.test_labels, arrays["test"][1])
+    assert dataset.class_names == tuple("0123456789")
+    assert dataset.mean == data.MNIST_MEAN and dataset.std == data.MNIST_STD
+
+
+def _corrupt(folder: Path, name: str, raw: bytes) -> None:
+    (folder / name).write_bytes(raw)
+
+
+@pytest.mark.parametrize("name, make, message", [
+    ("t10k-images-idx3-ubyte", None, "file not found"),
+    ("train-images-idx3-ubyte", lambda: b"\x00\x00\x08", "too short for an IDX header"),
+    ("train-images-idx3-ubyte",
+     lambda: idx_bytes(np.zeros((40, 28, 28), np.uint8), magic=0x801), "magic number"),
+    ("train-labels-idx1-ubyte",
+     lambda: idx_bytes(np.zeros((40,), np.uint8), magic=0x803), "magic number"),
+    ("train-images-idx3-ubyte",
+     lambda: idx_bytes(np.zeros((40, 28, 28), np.uint8))[:-5], "does not match its header"),
+    ("t10k-labels-idx1-ubyte",
+     lambda: idx_bytes(np.zeros((20,), np.uint8)) + b"\x00", "does not match its header"),
+    ("train-images-idx3-ubyte", lambda: idx_bytes(np.zeros((40, 32, 32), np.uint8)), "28x28"),
+    ("train-labels-idx1-ubyte", lambda: idx_bytes(np.zeros((39,), np.uint8)),
+     "39 labels for the 40 images"),
+    ("t10k-labels-idx1-ubyte", lambda: idx_bytes(np.full((20,), 10, np.uint8)),
+     "label 10 at record 0 is outside 0..9"),
+])
+def test_malformed_idx_files_are_named_in_one_line(tmp_path, name, make, message):
+    write_mnist(tmp_path)
+    if make is None:
+        (tmp_path / name).unlink()
+    else:
+        _corrupt(tmp_path, name, make())
+    with pytest.raises(KdError, match=message) as error:
+        data.load_mnist(tmp_path)
+    assert name in str(error.value) and "\n" not in str(error.value)
+
+
+def test_corrupt_gzip_is_a_kd_error(tmp_path):
+    write_mnist(tmp_path, gz=True)
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(b"not gzip")
+    with pytest.raises(KdError, match="t10k-images-idx3-ubyte.gz: not a readable gzip"):
+        data.load_mnist(tmp_path)
+
+
+def test_missing_folder_and_missing_files(tmp_path, monkeypatch):
+    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+    with pytest.raises(KdError, match="pass --data-dir"):
+        data.load_mnist(None)
+    with pytest.raises(KdError, match="data directory not found"):
+        data.load_mnist(tmp_path / "nope")
+    with pytest.raises(KdError, match="no MNIST here"):
+        data.load_mnist(tmp_path)
+
+
+def test_real_mnist_counts():
+    root = real_mnist_dir()
+    if root is None:
+        pytest.skip("MNIST not found at ../shared/data/mnist or $KD_JAX_DATA_DIR")
+    dataset = data.load_mnist(root)
+    assert dataset.train_images.shape == (60_000, 28, 28, 1)
+    assert dataset.test_images.shape == (10_000, 28, 28, 1)
+    assert np.bincount(dataset.train_labels).tolist() == [
+        5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    assert np.bincount(dataset.test_labels).tolist() == [
+        980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    assert abs(dataset.train_images.mean() / 255 - data.MNIST_MEAN[0]) < 1e-4
+    assert abs(dataset.train_images.std() / 255 - data.MNIST_STD[0]) < 1e-4
+
+
+# --------------------------------------------------------------------------- jitter
+def test_jitter_keeps_shape_and_moves_pixels_by_at_most_two():
+    images = np.zeros((256, 28, 28, 1), np.uint8)
+    images[:, 13, 9] = 255  # one lit pixel per image
+    out = np.asarray(data.augment(jax.random.key(0), jnp.asarray(images), crop_pad=2, flip=False))
+    assert out.shape == images.shape and out.dtype == np.uint8
+    assert (out.reshape(256, -1) == 255).sum(1).tolist() == [1] * 256  # moved, never lost
+    rows, cols = np.nonzero(out[..., 0] == 255)[1:]
+    shifts = {(r - 13, c - 9) for r, c in zip(rows, cols, strict=True)}
+    assert all(abs(dr) <= 2 and abs(dc) <= 2 for dr, dc in shifts)
+    assert len(shifts) == 25  # every shift in [-2, 2]^2 happens
+
+
+# --------------------------------------------------------------------------- models
+def test_mlp_shapes_and_dropout():
+    model = create_model("mlp2", width=32, dropout=0.5, input_dropout=0.2)
+    variables = init_variables(model, (28, 28, 1), seed=0)
+    kernels = [v["kernel"].shape for v in variables["params"].values()]
+    assert kernels == [(784, 32), (32, 32), (32, 10)] and "batch_stats" not in variables
+    x = jax.random.normal(jax.random.key(1), (4, 28, 28, 1))
+    a, b = (model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(k)})
+            for k in (2, 3))
+    assert a.shape == (4, 10) and not np.allclose(a, b)  # dropout is on in training
+    np.testing.assert_array_equal(model.apply(variables, x), model.apply(variables, x))
+
+
+def test_max_norm_holds_after_a_step():
+    model = create_model("mlp1", width=16)
+    variables = init_variables(model, (28, 28, 1), seed=0)
+    images = jax.random.normal(jax.random.key(1), (64, 28, 28, 1))
+    labels = jnp.arange(64) % 10
+
+    def trained_norms(limit: float) -> list[np.ndarray]:
+        tx, _ = make_optimizer(5.0, 0.0, 0.9, 0, 10, max_norm_limit=limit)
+        state = create_state(model, variables, tx)
+        for i in range(3):
+            state, _ = teacher_step(state, images, labels, jax.random.key(i))
+        return [np.linalg.norm(np.asarray(p["kernel"]), axis=0)
+                for p in state.params.values()]
+
+    limit = 0.8
+    assert max(n.max() for n in trained_norms(0.0)) > limit  # the constraint has work to do
+    constrained = trained_norms(limit)
+    assert all(n.max() <= limit * (1 + 1e-5) for n in constrained)
+    assert any(np.isclose(n, limit, rtol=1e-4).any() for n in constrained)
+
+
+# --------------------------------------------------------------------------- left-out classes
+def test_transfer_classes_leave_out_the_others(tmp_path):
+    arrays = write_mnist(tmp_path, n_train=100)
+    dataset = data.load_mnist(tmp_path)
+    config = DistillConfig(dataset="mnist", transfer_classes="7, 8", holdout=30)
+    left_out = jobs.left_out_classes(dataset, config)
+    assert left_out == [0, 1, 2, 3, 4, 5, 6, 9]
+    transfer, held = jobs.split_transfer_set(dataset.train_labels, left_out, config.holdout)
+    assert set(arrays["train"][1][transfer]) == {7, 8} and held.tolist() == list(range(70, 100))
+    assert jobs.left_out_classes(dataset, DistillConfig(omit_class="3")) == [3]
+    with pytest.raises(KdError, match="unknown class 'x'"):
+        jobs.left_out_classes(dataset, DistillConfig(transfer_classes="7,x"))
+    with pytest.raises(KdError, match="exclude each other"):
+        DistillConfig(omit_class="3", transfer_classes="7,8").validate()
+
+
+def test_offset_report_for_several_classes():
+    """Logits that favour the seen classes (1, 2) by 3: a +3.5 offset to the others fixes it."""
+    labels = np.array([0, 1, 2, 0, 1, 2])
+    logits = np.eye(3)[labels] * 2.0
+    logits[:, 1:] += 3.0
+    report = jobs.omitted_class_report(logits, labels, logits, labels, [0], "0",
+                                       fixed_offset=3.5)
+    assert report["class_accuracy"] == 0 and report["test_errors"] == 2
+    assert report["test_errors_after_fixed_offset"] == 0
+    assert report["class_errors_after_offset"] == 0 and 1.0 <= report["offset"] < 5.0
+    seen = jobs.omitted_class_report(logits, labels, logits, labels, [1, 2], "1,2")
+    assert seen["class_images"] == 4 and seen["class_accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("name, cls", [
+    ("mnist_teacher", TeacherConfig), ("mnist_student_hard", TeacherConfig),
+    ("mnist_distill", DistillConfig), ("mnist_omit3", DistillConfig),
+    ("mnist_only78", DistillConfig)])
+def test_configs_are_valid(name, cls):
+    config = cls(**load_yaml(ROOT / "configs" / f"{name}.yaml", cls))
+    config.validate()
+    assert config.dataset == "mnist" and config.crop_pad in (0, 2) and not config.flip
+
+
+def test_teacher_then_left_out_distillation_end_to_end(tmp_path, monkeypatch):
+    """Both entry points' jobs on tiny IDX files: an MLP teacher restores for distillation
+    (no BatchNorm statistics, from a relative --teacher-dir) and the fixed and automatic
+    offsets are reported."""
+    write_mnist(tmp_path / "data", n_train=256, n_test=100)
+    monkeypatch.chdir(tmp_path)
+    common = dict(dataset="mnist", data_dir=str(tmp_path / "data"), epochs=1, batch_size=32,
+                  eval_batch_size=50, crop_pad=2, flip=False, progress=False, dtype="float32")
+    jobs.train_teacher(TeacherConfig(model="mlp2", width=32, dropout=0.5, input_dropout=0.2,
+                                     max_norm=3.0, workdir=str(tmp_path / "t"), **common))
+    summary = jobs.distill(DistillConfig(student="mlp2", student_width=16, temperature=20.0,
+                                         teacher_dir="t", transfer_classes="7,8",
+                                         bias_offset=7.6, holdout=64,
+                                         workdir=str(tmp_path / "s"), **common))
+    report = summary["omitted_class"]
+    assert report["class"] == "0,1,2,3,4,5,6,9" and report["holdout_images"] == 64
+    assert report["fixed_offset"] == 7.6 and "test_errors_after_fixed_offset" in report
+    assert summary["train_images"] == 256
+    assert summary["transfer_images"] == 38  # the 7s and 8s among the first 256 - 64
+
+
+@pytest.mark.slow
+def test_student_reaches_90_percent_on_real_mnist(tmp_path):
+    """A few hundred steps of the 784-800-800-10 student on labels (300 steps of 128)."""
+    root = real_mnist_dir()
+    if root is None:
+        pytest.skip("MNIST not found at ../shared/data/mnist or $KD_JAX_DATA_DIR")
+    config = TeacherConfig(**load_yaml(ROOT / "configs" / "mnist_student_hard.yaml",
+                                       TeacherConfig))
+    config.data_dir, config.workdir, config.progress = str(root), str(tmp_path / "s"), False
+    config.train_subset, config.epochs = 12_800, 3
+    summary = jobs.train_teacher(config)
+    assert summary["step"] == 300 and summary["test_accuracy"] > 0.90
+
+
+def test_cli_reports_a_bad_idx_file_in_one_line(tmp_path, capsys):
+    from kd_jax.cli import main
+
+    write_mnist(tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x05")
+    code = main(TeacherConfig, jobs.train_teacher, "",
+                ["--dataset", "mnist", "--data-dir", str(tmp_path), "--model", "mlp1",
+                 "--workdir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("error: ") and "t10k-labels-idx1-ubyte: size 8 bytes" in err
