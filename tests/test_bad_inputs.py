@@ -215,7 +215,8 @@ def test_corrupt_config_json_on_resume(capsys, existing, data_dir):
     (["--batch-size", "0"], "batch_size must be >= 1, got 0"),
     (["--batch-size", "-3"], "batch_size must be >= 1, got -3"),
     (["--model", "resnet7"],
-     "unknown model 'resnet7'; choose one of: resnet10, resnet18, resnet34, resnet8"),
+     "unknown model 'resnet7'; choose one of: mlp1, mlp2, mlp3, resnet10, resnet18, resnet34, "
+     "resnet8"),
     (["--checkpoint-every-steps", "-1"], "checkpoint_every_steps must be >= 0, got -1"),
     (["--train-subset", "81"], "--train-subset must be in [1, 80], got 81"),
     (["--batch-size", "96"], "batch_size 96 exceeds the 80 training images"),
@@ -348,8 +349,8 @@ def test_teacher_of_another_dataset(capsys, existing, data_dir, teacher):
     (["--temperature", "-2"], "temperature must be > 0, got -2.0"),
     (["--alpha", "-0.1"], "alpha must be in [0, 1], got -0.1"),
     (["--alpha", "1.5"], "alpha must be in [0, 1], got 1.5"),
-    (["--student", "vgg"], "unknown model 'vgg'; choose one of: resnet10, resnet18, resnet34, "
-                           "resnet8"),
+    (["--student", "vgg"], "unknown model 'vgg'; choose one of: mlp1, mlp2, mlp3, resnet10, "
+                           "resnet18, resnet34, resnet8"),
     (["--omit-class", "unicorn"], "unknown class 'unicorn'; choose one of: airplane, automobile, "
                                   "bird, cat, deer, dog, frog, horse, ship, truck"),
 ])

@@ -42,8 +42,8 @@ def test_teacher_then_student_end_to_end(tiny_cifar, tmp_path):
     (["--temperature", "0"], "error: temperature must be > 0, got 0.0"),
     (["--alpha", "1.5"], "error: alpha must be in [0, 1], got 1.5"),
     (["--epochs", "0"], "error: epochs must be >= 1, got 0"),
-    (["--student", "vgg"], "error: unknown model 'vgg'; choose one of: resnet10, resnet18, "
-                           "resnet34, resnet8"),
+    (["--student", "vgg"], "error: unknown model 'vgg'; choose one of: mlp1, mlp2, mlp3, "
+                           "resnet10, resnet18, resnet34, resnet8"),
     (["--omit-class", "zebra"], "error: unknown class 'zebra'; choose one of: airplane, "),
 ])
 def test_bad_distill_arguments_are_one_line_errors(tiny_cifar, tmp_path, args, message):

@@ -24,12 +24,17 @@ from kd_jax.errors import KdError
 _PYTHON_BATCH = pickle.dumps({b"batch_label": b"x", b"labels": [1, 7, 3],
                               b"data": np.arange(3 * 3072, dtype=np.uint8).reshape(3, 3072)},
                              protocol=2)
+_IDX_IMAGES = bytes([0, 0, 8, 3]) + np.array([2, 28, 28], ">u4").tobytes() + bytes(range(256)) * 6 \
+    + bytes(32)
+_IDX_LABELS = bytes([0, 0, 8, 1]) + np.array([3], ">u4").tobytes() + bytes([4, 0, 9])
 _YAML = b"epochs: 3\nbatch_size: 64\nlearning_rate: 0.1\nflip: true\nworkdir: runs/x\n"
 
 # name -> (file name, valid bytes, loader(path))
 LOADERS = {
     "cifar-binary": ("data_batch_1.bin", cifar_records(3, seed=0), data.read_binary_batch),
     "cifar-python": ("data_batch_1", _PYTHON_BATCH, data.read_python_batch),
+    "mnist-images": ("train-images-idx3-ubyte", _IDX_IMAGES, lambda path: data.read_idx(path, 3)),
+    "mnist-labels": ("train-labels-idx1-ubyte", _IDX_LABELS, lambda path: data.read_idx(path, 1)),
     "yaml-config": ("config.yaml", _YAML, lambda path: load_yaml(path, TeacherConfig)),
 }
 

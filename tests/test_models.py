@@ -35,5 +35,6 @@ def test_output_shape_and_dtype_in_bfloat16():
 
 
 def test_unknown_model_names_the_choices():
-    with pytest.raises(KdError, match=r"^unknown model 'resnet19'; choose one of: resnet10, "):
+    with pytest.raises(KdError, match=r"^unknown model 'resnet19'; choose one of: mlp1, mlp2, "
+                                      r"mlp3, resnet10, "):
         create_model("resnet19")
