@@ -136,7 +136,7 @@ def test_data_folder_of_another_dataset(capsys, existing, tmp_path):
 
 def test_unknown_dataset(capsys, existing, data_dir):
     assert teacher_error(capsys, existing, "--data-dir", data_dir, "--dataset", "imagenet") == \
-        "unknown dataset 'imagenet'; choose one of: cifar10"
+        "unknown dataset 'imagenet'; choose one of: cifar10, mnist"
 
 
 # --------------------------------------------------------------------------- safe loading

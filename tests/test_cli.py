@@ -64,10 +64,20 @@ def test_yaml_config_is_checked(tmp_path):
 
 
 def test_shipped_configs_load():
+    """Every file in configs/ is a valid teacher or distillation config."""
+    import dataclasses
+
+    import yaml
+
     from kd_jax.config import DistillConfig, TeacherConfig, load_yaml
 
-    for path in sorted((REPO / "configs").glob("*.yaml")):
-        cls = DistillConfig if "distill" in path.name else TeacherConfig
+    distill_only = ({f.name for f in dataclasses.fields(DistillConfig)}
+                    - {f.name for f in dataclasses.fields(TeacherConfig)})
+    paths = sorted((REPO / "configs").glob("*.yaml"))
+    assert len(paths) >= 5
+    for path in paths:
+        cls = DistillConfig if distill_only & set(yaml.safe_load(path.read_text())) \
+            else TeacherConfig
         cls(**load_yaml(path, cls)).validate()
 
 
