@@ -224,14 +224,22 @@ def find_cifar10_folder(root: Path) -> tuple[Path, str] | None:
     return None
 
 
-def load_cifar10(data_dir: str | os.PathLike | None = None) -> Dataset:
-    """Load CIFAR-10 from ``data_dir``, ``$KD_JAX_DATA_DIR``, or the tfds download cache."""
+def data_root(data_dir: str | os.PathLike | None) -> Path | None:
+    """The folder named by ``data_dir`` or else ``$KD_JAX_DATA_DIR``; None when neither is set."""
     data_dir = data_dir or os.environ.get(DATA_DIR_ENV)
     if not data_dir:
-        return load_binary_folder(download_cifar10())
+        return None
     root = Path(data_dir).expanduser()
     if not root.is_dir():
         raise KdError(f"{root}: data directory not found")
+    return root
+
+
+def load_cifar10(data_dir: str | os.PathLike | None = None) -> Dataset:
+    """Load CIFAR-10 from ``data_dir``, ``$KD_JAX_DATA_DIR``, or the tfds download cache."""
+    root = data_root(data_dir)
+    if root is None:
+        return load_binary_folder(download_cifar10())
     found = find_cifar10_folder(root)
     if found is None:
         raise KdError(f"{root}: no CIFAR-10 here (expected data_batch_1.bin .. test_batch.bin, "
@@ -351,12 +359,9 @@ def find_mnist_folder(root: Path) -> Path | None:
 
 def load_mnist(data_dir: str | os.PathLike | None = None) -> Dataset:
     """Load MNIST from the IDX files in ``data_dir`` or ``$KD_JAX_DATA_DIR`` (or their mnist/)."""
-    data_dir = data_dir or os.environ.get(DATA_DIR_ENV)
-    if not data_dir:
+    root = data_root(data_dir)
+    if root is None:
         raise KdError(f"MNIST is read from local IDX files: pass --data-dir or set {DATA_DIR_ENV}")
-    root = Path(data_dir).expanduser()
-    if not root.is_dir():
-        raise KdError(f"{root}: data directory not found")
     folder = find_mnist_folder(root)
     if folder is None:
         raise KdError(f"{root}: no MNIST here (expected train-images-idx3-ubyte, "
