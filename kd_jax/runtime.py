@@ -1,0 +1,1 @@
+"""Placeholder: process-wide runtime setup that must run before jax is imported."""
