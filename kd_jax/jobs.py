@@ -7,12 +7,16 @@ take labels. Labels reach the student job's evaluation only.
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from kd_jax import metrics
+from kd_jax import distributed, metrics
 from kd_jax.checkpoint import load_frozen
 from kd_jax.config import DistillConfig, RunConfig, TeacherConfig
 from kd_jax.data import Augmentation, Dataset, load_dataset
@@ -37,16 +41,40 @@ def inference_variables(state: TrainState) -> dict:
     return {"params": state.params, "batch_stats": state.batch_stats}
 
 
+class _ReaderRunDir(RunDir):
+    """The run directory as processes other than 0 see it: they read, process 0 writes."""
+
+    def write_metrics(self, rows: list[dict]) -> None:
+        pass
+
+    def write_summary(self, summary: dict) -> None:
+        pass
+
+
+def _run_dir(config: RunConfig, name: str) -> RunDir:
+    """Process 0 prepares the workdir, the others wait for it (multi-host: a shared folder)."""
+    if jax.process_count() == 1:
+        return RunDir.prepare(config, name)
+    if not config.workdir:
+        raise KdError("a multi-process run needs --workdir, a folder every process can reach")
+    run = RunDir.prepare(config, name) if distributed.is_writer() else \
+        _ReaderRunDir(Path(config.workdir))
+    multihost_utils.sync_global_devices("kd_jax workdir ready")
+    return run
+
+
 class _Job:
     """What both jobs set up the same way: data, mesh, the student/teacher model, evaluation."""
 
     def __init__(self, config: RunConfig, name: str, model: str, width: int | None):
+        if not distributed.is_writer():
+            config = dataclasses.replace(config, progress=False)
         self.config = config
         self.dataset = load_dataset(config.dataset, config.data_dir).take_train(config.train_subset)
         self.mesh: Mesh = make_mesh()
         self.dtype = compute_dtype(config.dtype)
         self.model = create_model(model, self.dataset.num_classes, width, self.dtype)
-        self.run = RunDir.prepare(config, name)
+        self.run = _run_dir(config, name)
         self.augmentation = Augmentation(config.crop_pad, config.flip, self.dataset.mean,
                                          self.dataset.std)
         self.predict = make_predict(self.model, self.augmentation, config.eval_batch_size,
@@ -75,6 +103,8 @@ class _Job:
     def finish(self, summary: dict, history: list[dict], columns: list[str],
                reference_accuracy: float | None = None) -> dict:
         """Write summary.json and the plot, print the final table; returns the summary."""
+        if not distributed.is_writer():
+            return summary
         self.run.write_summary(summary)
         plot_history(history, self.run.plot_path, f"{summary['job']}: {summary['model']}",
                      reference_accuracy)
