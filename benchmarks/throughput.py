@@ -7,9 +7,11 @@ ResNet in PyTorch eager (optionally channels_last / bf16 autocast / torch.compil
 process, interleaved with the JAX cases repeat by repeat so that both see the same machine load,
 and prints JAX's ratio to each. Needs no dataset, no tensorflow-datasets and no network.
 
-FLOPs are XLA's cost analysis of one step (before optimisation, so fusion does not hide any),
-per image; achieved FLOP/s is that times images per second. The PyTorch side runs no
-augmentation and no gather: the comparison favours PyTorch slightly.
+CPU ms/img is this process's CPU time (all threads) per image and "cores" the CPU time over the
+wall time: how many cores a case kept busy, and on a loaded machine a steadier measure of the
+work done than the wall clock. FLOPs are XLA's cost analysis of one step (before optimisation,
+so fusion does not hide any), per image; achieved FLOP/s is that times images per second. The
+PyTorch side runs no augmentation and no gather: the comparison favours PyTorch slightly.
 
     python benchmarks/throughput.py --compare-torch                      # CPU defaults
     python benchmarks/throughput.py --batch-size 512 --steps-per-dispatch 1,10 --compare-torch
@@ -43,6 +45,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
+from kd_jax import conv as kd_conv  # noqa: E402
 from kd_jax.data import CIFAR10_MEAN, CIFAR10_STD, Augmentation  # noqa: E402
 from kd_jax.models import create_model, init_variables  # noqa: E402
 from kd_jax.train import (  # noqa: E402
@@ -62,6 +65,8 @@ IMAGE_SHAPE = (32, 32, 3)
 NUM_CLASSES = 10
 TEMPERATURE = 4.0
 KINDS = ("teacher", "distill", "eval")
+# kd: kd_jax's convolution (im2col kernel gradient on CPU); xla: XLA's own, for comparison
+CONVS = {"kd": kd_conv.conv_general_dilated, "xla": jax.lax.conv_general_dilated}
 
 
 @dataclass
@@ -77,6 +82,7 @@ class Case:
     flops_per_image: float | None = None
     dispatch_seconds: float | None = None  # host cost of one call of a no-op with the same args
     seconds_per_dispatch: list[float] = field(default_factory=list)
+    cpu_seconds_per_dispatch: list[float] = field(default_factory=list)  # this process, all cores
 
     @property
     def name(self) -> str:
@@ -94,6 +100,11 @@ class Case:
                 "images_per_second_max": max(spread), "compile_seconds": self.compile_seconds,
                 "gflops_per_image": None if flops is None else flops / 1e9,
                 "achieved_tflops": None if flops is None else flops * ips / 1e12,
+                "cpu_ms_per_image": 1e3 * statistics.median(self.cpu_seconds_per_dispatch)
+                / self.images_per_dispatch,
+                "cores_busy": statistics.median(
+                    c / s for c, s in zip(self.cpu_seconds_per_dispatch,
+                                          self.seconds_per_dispatch, strict=True)),
                 "dispatch_fraction": (None if self.dispatch_seconds is None else
                                       self.dispatch_seconds
                                       / statistics.median(self.seconds_per_dispatch))}
@@ -281,12 +292,16 @@ def measure(cases: list[Case], images: int, repeats: int) -> None:
     (interleaved, so that a change in machine load hits every case alike)."""
     for case in cases:
         case.run(1)
-    for _ in range(repeats):
+    for round_ in range(repeats):
         for case in cases:
             dispatches = max(1, math.ceil(images / case.images_per_dispatch))
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             case.run(dispatches)
             case.seconds_per_dispatch.append((time.perf_counter() - start) / dispatches)
+            case.cpu_seconds_per_dispatch.append((time.process_time() - cpu_start) / dispatches)
+            print(f"round {round_ + 1}/{repeats}: {case.name} "
+                  f"{case.images_per_dispatch / case.seconds_per_dispatch[-1]:.1f} img/s",
+                  flush=True)
 
 
 def same_network(rows: list[dict]) -> None:
@@ -320,7 +335,7 @@ def format_table(rows: list[dict]) -> str:
         if r["framework"] == "jax":
             best_jax[r["kind"]] = max(best_jax.get(r["kind"], 0.0), r["images_per_second"])
     head = (f"{'case':<34}{'img/s':>9}{'min':>8}{'max':>8}{'compile s':>11}{'GFLOP/img':>11}"
-            f"{'TFLOP/s':>9}{'dispatch':>10}{'jax/this':>10}")
+            f"{'TFLOP/s':>9}{'CPU ms/img':>11}{'cores':>7}{'dispatch':>10}{'jax/this':>10}")
     lines = [head, "-" * len(head)]
     fmt = lambda v, spec: "-" if v is None else format(v, spec)
     for r in rows:
@@ -329,7 +344,8 @@ def format_table(rows: list[dict]) -> str:
                      f"{r['images_per_second']:>9.1f}{r['images_per_second_min']:>8.1f}"
                      f"{r['images_per_second_max']:>8.1f}{r['compile_seconds']:>11.2f}"
                      f"{fmt(r['gflops_per_image'], '.3f'):>11}"
-                     f"{fmt(r['achieved_tflops'], '.4f'):>9}"
+                     f"{fmt(r['achieved_tflops'], '.4f'):>9}{r['cpu_ms_per_image']:>11.1f}"
+                     f"{r['cores_busy']:>7.2f}"
                      f"{fmt(r['dispatch_fraction'], '.1%'):>10}{ratio:>10.2f}")
     return "\n".join(lines)
 
@@ -348,6 +364,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="comma list of JAX steps per dispatch to compare, e.g. 1,10")
     p.add_argument("--steps", type=int, default=10, help="timed steps per case per repeat")
     p.add_argument("--repeats", type=int, default=3, help="rounds; the median is reported")
+    p.add_argument("--conv", default="kd",
+                   help="comma list of JAX convolutions to time: kd (kd_jax.conv) and/or xla "
+                        "(plain lax.conv_general_dilated, what kd-jax used before)")
     p.add_argument("--compare-torch", action="store_true")
     p.add_argument("--torch-variants", default=None,
                    help="comma list of eager | channels_last | bf16 | compile joined by '+' "
@@ -360,6 +379,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if set(a.kinds) - set(KINDS):
         p.error(f"--what takes {', '.join(KINDS)}")
     a.spds = [int(s) for s in a.steps_per_dispatch.split(",")]
+    a.convs = a.conv.split(",")
+    if set(a.convs) - set(CONVS):
+        p.error(f"--conv takes {', '.join(CONVS)}")
     if a.torch_variants is None:
         a.torch_variants = "bf16" if compute_dtype(a.dtype) == np.dtype("bfloat16") else "eager"
     return a
@@ -373,10 +395,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{a.model} width {a.width}, student {a.student} width {a.student_width}, "
           f"batch {a.batch_size}, dtype {compute_dtype(a.dtype).name}", flush=True)
     cases = []
-    for kind in a.kinds:
-        for spd in a.spds:
-            cases.append(jax_eval_case(a, spd) if kind == "eval" else jax_train_case(kind, a, spd))
-            print(f"compiled {cases[-1].name} in {cases[-1].compile_seconds:.1f} s", flush=True)
+    for conv in a.convs:
+        kd_conv.conv_general_dilated = CONVS[conv]  # read when the model is traced
+        for kind in a.kinds:
+            for spd in a.spds:
+                case = jax_eval_case(a, spd) if kind == "eval" else jax_train_case(kind, a, spd)
+                case.variant += "" if conv == "kd" else f" conv={conv}"
+                cases.append(case)
+                print(f"compiled {case.name} in {case.compile_seconds:.1f} s", flush=True)
     if a.compare_torch:
         cases += torch_cases(a, a.kinds)
     measure(cases, a.steps * a.batch_size, a.repeats)
