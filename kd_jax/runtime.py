@@ -3,10 +3,12 @@
 On a CPU, one XLA device keeps the cores only partly busy: XLA's convolutions parallelise
 poorly inside one op, and its per-image cost grows with the batch. Splitting the host into one
 single-threaded XLA device per core and the batch across them (the same data-parallel mesh
-that spreads a batch over GPUs) ran the ResNet-18 train step 1.5x faster on this project's
-2-core CPU. ``XLA_FLAGS`` is read once, when jax initialises its CPU backend, so this must run
-before ``import jax``; it does nothing when the user set ``XLA_FLAGS`` themselves, when jax is
-already imported, or when jax will run on an accelerator.
+that spreads a batch over GPUs) ran the ResNet-18 train step with XLA's own convolutions 1.2x
+faster relative to PyTorch on this project's 2-core CPU, and about as fast with
+:mod:`kd_jax.conv` (see benchmarks/README.md). ``XLA_FLAGS`` is read once, when jax
+initialises its CPU backend, so this must run before ``import jax``; it does nothing when the
+user set ``XLA_FLAGS`` themselves, when jax is already imported, or when jax will run on an
+accelerator.
 """
 
 from __future__ import annotations
