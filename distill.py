@@ -3,6 +3,9 @@
 
 import sys
 
+import kd_jax.runtime  # noqa: F401  (the fast CPU setup; must come before jax is imported)
+
+# isort: split
 from kd_jax.cli import main
 from kd_jax.config import DistillConfig
 from kd_jax.jobs import distill

@@ -2,6 +2,9 @@
 
 import sys
 
+import kd_jax.runtime  # noqa: F401  (the fast CPU setup; must come before jax is imported)
+
+# isort: split
 from kd_jax.cli import main
 from kd_jax.config import TeacherConfig
 from kd_jax.jobs import train_teacher

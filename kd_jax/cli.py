@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
+from kd_jax import distributed
 from kd_jax.config import build_parser, resolve
 from kd_jax.errors import KdError
 
@@ -17,8 +18,15 @@ def main(config_class: type, job: Callable, description: str,
     escaped the job (a file named by the user that cannot be read or written) is reported the
     same way, as is a second Ctrl-C. ``--debug`` re-raises instead, with the traceback.
     """
-    args = build_parser(config_class, description).parse_args(argv)
-    return run_guarded(lambda: job(resolve(config_class, args)), args.debug)
+    parser = build_parser(config_class, description)
+    distributed.add_arguments(parser)
+    args = parser.parse_args(argv)
+
+    def start() -> None:
+        distributed.initialize(**distributed.pop_arguments(args))
+        job(resolve(config_class, args))
+
+    return run_guarded(start, args.debug)
 
 
 def run_guarded(job: Callable[[], object], debug: bool = False) -> int:

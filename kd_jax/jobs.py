@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from pathlib import Path
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from kd_jax import metrics
+from kd_jax import distributed, metrics
 from kd_jax.checkpoint import load_frozen
 from kd_jax.config import DistillConfig, RunConfig, TeacherConfig
 from kd_jax.data import Augmentation, Dataset, load_dataset
@@ -41,6 +43,28 @@ def inference_variables(state: TrainState) -> dict:
     return {"params": state.params, "batch_stats": state.batch_stats}
 
 
+class _ReaderRunDir(RunDir):
+    """The run directory as processes other than 0 see it: they read, process 0 writes."""
+
+    def write_metrics(self, rows: list[dict]) -> None:
+        pass
+
+    def write_summary(self, summary: dict) -> None:
+        pass
+
+
+def _run_dir(config: RunConfig, name: str) -> RunDir:
+    """Process 0 prepares the workdir, the others wait for it (multi-host: a shared folder)."""
+    if jax.process_count() == 1:
+        return RunDir.prepare(config, name)
+    if not config.workdir:
+        raise KdError("a multi-process run needs --workdir, a folder every process can reach")
+    run = RunDir.prepare(config, name) if distributed.is_writer() else \
+        _ReaderRunDir(Path(config.workdir))
+    multihost_utils.sync_global_devices("kd_jax workdir ready")
+    return run
+
+
 class _Job:
     """What both jobs set up the same way: data, mesh, the student/teacher model, evaluation.
 
@@ -49,6 +73,8 @@ class _Job:
     """
 
     def __init__(self, config: RunConfig, name: str, model: str, width: int | None):
+        if not distributed.is_writer():
+            config = dataclasses.replace(config, progress=False)
         self.config, self.name = config, name
         self.dataset = load_dataset(config.dataset, config.data_dir).take_train(config.train_subset)
         self.mesh: Mesh = make_mesh()
@@ -79,7 +105,7 @@ class _Job:
     def open_run(self, num_train: int) -> None:
         """Create or reopen the workdir, once every input has been checked."""
         check_batch_size(self.config.batch_size, num_train, self.mesh)
-        self.run = RunDir.prepare(self.config, self.name)
+        self.run = _run_dir(self.config, self.name)
 
     def fit(self, step, state: TrainState, train_arrays: tuple, evaluate):
         return fit(self.config, step, state, train_arrays, evaluate, self.schedule, self.run,
@@ -88,6 +114,8 @@ class _Job:
     def finish(self, summary: dict, history: list[dict], columns: list[str],
                reference_accuracy: float | None = None) -> dict:
         """Write summary.json and the plot, print the final table; returns the summary."""
+        if not distributed.is_writer():
+            return summary
         self.run.write_summary(summary)
         plot_history(history, self.run.plot_path, f"{summary['job']}: {summary['model']}",
                      reference_accuracy)

@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kd_jax import conv as kd_conv
 from kd_jax.errors import KdError
 
 ModuleDef = Any
@@ -58,7 +59,8 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         conv = partial(nn.Conv, use_bias=False, dtype=self.dtype, padding="SAME",
-                       kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"))
+                       kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+                       conv_general_dilated=kd_conv.conv_general_dilated)
         norm = partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
                        epsilon=1e-5, dtype=self.dtype)
         x = x.astype(self.dtype)

@@ -1,0 +1,113 @@
+"""Runs a few teacher and distill steps on a mesh and prints the resulting parameters as JSON.
+
+Started in a subprocess by ``test_parallel.py`` and ``test_distributed.py``, because the number
+of host devices (``XLA_FLAGS``) and ``jax.distributed`` are fixed when jax initialises.
+
+    python tests/parallel_worker.py [--devices N] [--process-id I --num-processes P --port N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from kd_jax.data import Augmentation  # noqa: E402
+from kd_jax.errors import KdError  # noqa: E402
+from kd_jax.models import create_model, init_variables  # noqa: E402
+from kd_jax.train import (  # noqa: E402
+    create_state,
+    epoch_order,
+    make_distill_step,
+    make_optimizer,
+    make_predict,
+    make_teacher_step,
+    run_steps,
+)
+
+BATCH, STEPS, SHAPE = 8, 3, (8, 8, 3)
+SHARDING: dict[str, dict] = {}  # per kind: what the compiled step does across devices
+AUGMENTATION = Augmentation(crop_pad=2, flip=True, mean=(0.5,) * 3, std=(0.25,) * 3)
+
+
+def global_array(x: np.ndarray, mesh: Mesh) -> jax.Array:
+    """The same host array on every device of the mesh, whichever processes hold them."""
+    sharding = NamedSharding(mesh, P())
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def train(kind: str, mesh: Mesh, dtype: str = "float32") -> tuple[dict, list[float]]:
+    """``STEPS`` steps of ``kind`` on fixed random data; returns (variables, losses)."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (2 * BATCH, *SHAPE), np.uint8)
+    labels = rng.integers(0, 10, 2 * BATCH).astype(np.int32)
+    model = create_model("resnet8", 10, 4, dtype)
+    tx, _ = make_optimizer(0.05, 5e-4, 0.9, 0, 100)
+    state = create_state(model, init_variables(model, SHAPE, 0), tx)
+    if kind == "teacher":
+        step, arrays = make_teacher_step(), (images, labels)
+    else:
+        teacher = create_model("resnet8", 10, 8, dtype)
+        teacher_vars = jax.tree.map(lambda a: global_array(np.asarray(a), mesh),
+                                    init_variables(teacher, SHAPE, 1))
+        step, arrays = make_distill_step(teacher.apply, teacher_vars, 4.0), (images,)
+    state = jax.tree.map(lambda a: global_array(np.asarray(a), mesh), state)
+    arrays = tuple(global_array(a, mesh) for a in arrays)
+    key = jax.random.key(0)
+    order = global_array(np.asarray(epoch_order(key, 0, 2 * BATCH, BATCH, 2)), mesh)
+    compiled = run_steps.lower(step, state, arrays, order, np.int32(2), np.int32(0), key,
+                               length=1, augmentation=AUGMENTATION, mesh=mesh).compile()
+    SHARDING[kind] = {
+        "all_reduce": "all-reduce" in compiled.as_text(),
+        "state_replicated": all(s.is_fully_replicated
+                                for s in jax.tree.leaves(compiled.output_shardings[0]))}
+    losses = []
+    for i in range(STEPS):
+        state, metrics = run_steps(step, state, arrays, order, np.int32(2), np.int32(i % 2), key,
+                                   length=1, augmentation=AUGMENTATION, mesh=mesh)
+        losses.append(float(np.asarray(next(v for k, v in metrics.items() if "loss" in k))[0]))
+    return {"params": state.params, "batch_stats": state.batch_stats}, losses
+
+
+def flat(tree) -> list[float]:
+    return np.concatenate([np.asarray(x, np.float32).ravel() for x in jax.tree.leaves(tree)]
+                          ).tolist()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--devices", type=int, default=0, help="use the first N devices (0 = all)")
+    p.add_argument("--process-id", type=int, default=None)
+    p.add_argument("--num-processes", type=int, default=1)
+    p.add_argument("--port", type=int, default=0)
+    a = p.parse_args()
+    if a.process_id is not None:
+        jax.distributed.initialize(f"localhost:{a.port}", a.num_processes, a.process_id)
+    devices = jax.devices()[: a.devices or None]
+    mesh = Mesh(np.array(devices), ("data",))
+    out = {"devices": len(devices), "processes": jax.process_count()}
+    for kind in ("teacher", "distill"):
+        variables, out[f"{kind}_losses"] = train(kind, mesh)
+        out[kind] = flat(variables)
+        if kind == "teacher":
+            images = np.random.default_rng(1).integers(0, 256, (12, *SHAPE), np.uint8)
+            predict = make_predict(create_model("resnet8", 10, 4), AUGMENTATION, BATCH, mesh)
+            out["logits"] = np.asarray(predict(variables, global_array(images, mesh))).tolist()
+    out["sharding"] = SHARDING
+    try:
+        make_predict(create_model("resnet8", 10, 4), AUGMENTATION, 6, mesh)
+    except KdError as e:
+        out["indivisible_error"] = str(e)
+    print("RESULT " + json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
