@@ -96,6 +96,17 @@ class FrozenModel:
         raise KdError("config.json names no model (neither 'model' nor 'student')")
 
 
+def _on_one_device(metadata: Any) -> Any:
+    """A restore target: every array as saved, but placed on this process's first device.
+
+    Without one, orbax places arrays as they were sharded when saved, which fails wherever
+    the devices differ: a teacher trained on a GPU or on several CPU devices, loaded here.
+    """
+    tree = getattr(metadata, "item_metadata", metadata)  # orbax >= 0.11 wraps it in StepMetadata
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), tree)
+
+
 def load_frozen(workdir: str | Path) -> FrozenModel:
     """Restore the last checkpoint of a finished (or interrupted) run for inference."""
     workdir = Path(workdir).absolute()  # orbax refuses relative paths
@@ -113,7 +124,8 @@ def load_frozen(workdir: str | Path) -> FrozenModel:
     path = root / str(max(steps))
     try:
         with ocp.StandardCheckpointer() as checkpointer:
-            restored = checkpointer.restore(path / "default")
+            restored = checkpointer.restore(path / "default", _on_one_device(
+                checkpointer.metadata(path / "default")))
     except Exception as e:  # orbax raises many kinds of errors for damaged files
         raise KdError(f"{path}: corrupt or unreadable checkpoint ({type(e).__name__})") from None
     # Models without BatchNorm (MLPs) have no batch_stats collection: leave it out rather
