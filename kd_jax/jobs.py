@@ -22,7 +22,7 @@ from kd_jax.checkpoint import load_frozen
 from kd_jax.config import DistillConfig, RunConfig, TeacherConfig
 from kd_jax.data import Augmentation, Dataset, load_dataset
 from kd_jax.errors import KdError
-from kd_jax.models import MODELS, count_params, create_model, init_variables
+from kd_jax.models import count_params, create_model, init_variables, model_width
 from kd_jax.plots import plot_history
 from kd_jax.rundir import RunDir, format_table, latest_run
 from kd_jax.train import (
@@ -206,8 +206,7 @@ def restore_teacher(workdir, job: _Job):
     if expected_model is not None and name != expected_model:
         raise KdError(f"{workdir}: the teacher is a {name}, --teacher-model says {expected_model}")
     expected_width = job.config.teacher_width
-    if width is None and name in MODELS:
-        width = MODELS[name][1]  # the teacher ran with its model's default width
+    width = model_width(name, width)
     if expected_width is not None and width != expected_width:
         raise KdError(f"{workdir}: the teacher has width {width}, "
                       f"--teacher-width says {expected_width}")

@@ -133,13 +133,18 @@ def create_model(name: str, num_classes: int = 10, width: int | None = None,
                  dtype: Any = jnp.float32, dropout: float = 0.0,
                  input_dropout: float = 0.0) -> nn.Module:
     """Build a registered model; raises ``KdError`` naming the choices for an unknown name."""
+    width = model_width(name, width)
+    return MODELS[name][0](num_classes, width, dtype, dropout, input_dropout)
+
+
+def model_width(name: str, width: int | None) -> int:
+    """The width a model named ``name`` is built with: ``width``, or the model's default."""
     if name not in MODELS:
         raise KdError(f"unknown model {name!r}; choose one of: {', '.join(sorted(MODELS))}")
-    builder, default_width = MODELS[name]
-    width = default_width if width is None else width
+    width = MODELS[name][1] if width is None else width
     if width < 1:
         raise KdError(f"width must be >= 1, got {width}")
-    return builder(num_classes, width, dtype, dropout, input_dropout)
+    return width
 
 
 def init_variables(model: nn.Module, image_shape: Sequence[int], seed: int) -> dict:
