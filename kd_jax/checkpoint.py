@@ -8,7 +8,6 @@ previous checkpoint as the latest.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from kd_jax.errors import KdError
+from kd_jax.rundir import read_json
 
 
 class RunCheckpoints:
@@ -113,11 +113,8 @@ def load_frozen(workdir: str | Path) -> FrozenModel:
     config_path = workdir / "config.json"
     if not config_path.is_file():
         raise KdError(f"{workdir}: not a kd-jax run (no config.json)")
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise KdError(f"{config_path}: unreadable ({e})") from None
-    root = (workdir / "checkpoints" / "latest").absolute()  # orbax needs absolute paths
+    config = read_json(config_path)
+    root = workdir / "checkpoints" / "latest"
     steps = ocp.utils.checkpoint_steps(root) if root.is_dir() else []
     if not steps:
         raise KdError(f"{workdir}: no checkpoint found under {root}")

@@ -57,7 +57,7 @@ class RunDir:
         return run
 
     def _check_same_run(self, config: RunConfig) -> None:
-        saved = _read_json(self.config_path)
+        saved = read_json(self.config_path)
         now = json.loads(to_json(config))
         changed = sorted(k for k in now if k not in _RESUMABLE and saved.get(k) != now[k])
         if changed:
@@ -83,7 +83,9 @@ class RunDir:
         _atomic_write(self.summary_path, json.dumps(summary, indent=2) + "\n")
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON object from ``path``; anything else (unreadable, not JSON, not an object) is a
+    one-line ``KdError``."""
     try:
         value = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
