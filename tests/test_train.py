@@ -10,6 +10,7 @@ from kd_jax import jobs
 from kd_jax.checkpoint import RunCheckpoints, load_frozen
 from kd_jax.config import DistillConfig, TeacherConfig
 from kd_jax.data import Augmentation
+from kd_jax.errors import KdError
 from kd_jax.losses import tempered_kl
 from kd_jax.models import create_model, init_variables
 from kd_jax.rundir import RunDir
@@ -164,3 +165,14 @@ def test_student_never_sees_training_labels(tiny_cifar, tmp_path):
 def test_records_helper_labels_survive(tmp_path):
     raw = np.frombuffer(cifar_records(np.array([7, 2]), 0), np.uint8).reshape(2, 3073)
     assert raw[:, 0].tolist() == [7, 2]
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"[1, 2]", "expected a JSON object, found list"),
+    (b"\xff\xfe", "unreadable ("),
+])
+def test_frozen_model_config_must_be_a_json_object(tmp_path, content, message):
+    (tmp_path / "config.json").write_bytes(content)
+    with pytest.raises(KdError) as error:
+        load_frozen(tmp_path)
+    assert str(error.value).startswith(f"{tmp_path / 'config.json'}: {message}")
