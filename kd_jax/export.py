@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kd_jax import metrics
 from kd_jax.checkpoint import FrozenModel, load_frozen
 from kd_jax.cli import run_guarded
 from kd_jax.data import DATA_DIR_ENV, Augmentation, Dataset, load_dataset, normalize
@@ -200,7 +201,7 @@ def compare_logits(exported: np.ndarray, reference: np.ndarray) -> Comparison:
         raise KdError(f"exported model gives logits of shape {exported.shape}, "
                       f"JAX {reference.shape}")
     return Comparison(len(reference),
-                      float(np.mean(exported.argmax(-1) == reference.argmax(-1))),
+                      metrics.agreement(exported, reference),
                       float(np.max(np.abs(exported.astype(np.float64) - reference))))
 
 
