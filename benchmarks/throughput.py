@@ -112,11 +112,19 @@ class Case:
 
 # --------------------------------------------------------------------------- JAX
 def _flops(fn: Callable, *args) -> float | None:
-    """XLA's FLOP count of ``fn(*args)`` (unoptimised HLO, so nothing is fused away)."""
+    """XLA's FLOP count of ``fn(*args)`` (unoptimised HLO, so nothing is fused away).
+
+    Counted with XLA's own convolutions: kd_jax.conv's kernel gradient loops over chunks of
+    the batch, and cost analysis counts a loop's body once. The arithmetic is the same.
+    """
+    current = kd_conv.conv_general_dilated
+    kd_conv.conv_general_dilated = jax.lax.conv_general_dilated  # read when the model is traced
     try:
         return float(jax.jit(fn).lower(*args).cost_analysis()["flops"])
     except Exception:  # cost analysis is best-effort on some backends
         return None
+    finally:
+        kd_conv.conv_general_dilated = current
 
 
 def _dispatch_seconds(args: tuple, repeats: int = 200) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
+from kd_jax import conv as kd_conv  # noqa: E402
 from kd_jax.data import Augmentation  # noqa: E402
 from kd_jax.errors import KdError  # noqa: E402
 from kd_jax.models import create_model, init_variables  # noqa: E402
@@ -36,6 +38,9 @@ from kd_jax.train import (  # noqa: E402
 BATCH, STEPS, SHAPE = 8, 3, (8, 8, 3)
 SHARDING: dict[str, dict] = {}  # per kind: what the compiled step does across devices
 AUGMENTATION = Augmentation(crop_pad=2, flip=True, mean=(0.5,) * 3, std=(0.25,) * 3)
+# One image per step of the kernel gradient's loop (kd_jax.conv), so that the loop runs over
+# the sharded batch here too: these images are far smaller than a real chunk.
+kd_conv.CHUNK_BYTES = 1
 
 
 def global_array(x: np.ndarray, mesh: Mesh) -> jax.Array:
@@ -67,6 +72,8 @@ def train(kind: str, mesh: Mesh, dtype: str = "float32") -> tuple[dict, list[flo
                                length=1, augmentation=AUGMENTATION, mesh=mesh).compile()
     SHARDING[kind] = {
         "all_reduce": "all-reduce" in compiled.as_text(),
+        "all_gather": "all-gather" in compiled.as_text(),
+        "collective_in_loop": collective_in_loop(compiled.as_text()),
         "state_replicated": all(s.is_fully_replicated
                                 for s in jax.tree.leaves(compiled.output_shardings[0]))}
     losses = []
@@ -75,6 +82,26 @@ def train(kind: str, mesh: Mesh, dtype: str = "float32") -> tuple[dict, list[flo
                                    length=1, augmentation=AUGMENTATION, mesh=mesh)
         losses.append(float(np.asarray(next(v for k, v in metrics.items() if "loss" in k))[0]))
     return {"params": state.params, "batch_stats": state.batch_stats}, losses
+
+
+def collective_in_loop(hlo: str) -> bool:
+    """Whether a while loop's body (or anything it calls) holds a cross-device collective.
+
+    Devices reaching the collectives of different loops in different orders deadlock XLA:CPU.
+    """
+    computations = {m.group(1): block for block in re.split(r"\n(?=\S)", hlo)
+                    if (m := re.match(r"(?:ENTRY )?%?([\w.\-]+) ", block))}
+    called = r"(?:calls|to_apply|body|condition|branch_computations)=\{?%?([\w.\-]+)"
+
+    def holds(name: str, seen: set[str]) -> bool:
+        if name in seen or name not in computations:
+            return False
+        seen.add(name)
+        block = computations[name]
+        return ("all-reduce" in block or "all-gather" in block
+                or any(holds(c, seen) for c in re.findall(called, block)))
+
+    return any(holds(body, set()) for body in re.findall(r"body=%?([\w.\-]+)", hlo))
 
 
 def flat(tree) -> list[float]:

@@ -46,9 +46,12 @@ def test_four_devices_match_one(four_and_one, kind):
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["teacher", "distill"])
 def test_batch_is_split_and_state_replicated(four_and_one, kind):
-    """Gradients and BatchNorm statistics are summed across devices; the state stays whole."""
+    """Gradients and BatchNorm statistics are summed across devices; the state stays whole;
+    no device gathers the others' images, and no collective sits inside a loop (the kernel
+    gradient's loop, which deadlocked two CPU devices when it held one)."""
     four, one = four_and_one
-    assert four["sharding"][kind] == {"all_reduce": True, "state_replicated": True}
+    assert four["sharding"][kind] == {"all_reduce": True, "all_gather": False,
+                                      "collective_in_loop": False, "state_replicated": True}
     assert one["sharding"][kind]["all_reduce"] is False
 
 
