@@ -42,6 +42,9 @@ class RunCheckpoints:
         self.latest.save(step, args=ocp.args.Composite(default=ocp.args.StandardSave(state),
                                                        meter=ocp.args.JsonSave(meter)))
         if is_best:
+            # orbax names its multi-process commit barrier after the step alone: two managers
+            # committing the same step at once collide ("barrier already ongoing") and hang.
+            self.latest.wait_until_finished()
             self.save_best(state)
 
     def save_best(self, state: Any) -> None:

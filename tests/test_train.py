@@ -99,6 +99,26 @@ def test_checkpoint_round_trip(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+def test_best_checkpoint_waits_for_the_latest_of_the_same_step(tmp_path, monkeypatch):
+    """orbax's multi-process commit barrier is named after the step: two managers committing
+    one step at once hung a two-process run. The best save starts once the latest is done."""
+    _, state = small_state(4)
+    checkpoints = RunCheckpoints(tmp_path)
+    latest_busy = []
+    best_save = checkpoints.best.save
+
+    def save_best(*args, **kwargs):
+        latest_busy.append(checkpoints.latest.is_saving_in_progress())
+        return best_save(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoints.best, "save", save_best)
+    checkpoints.save(state.replace(step=7), {}, is_best=True)
+    checkpoints.close()
+    assert latest_busy == [False]
+    assert not checkpoints.best.is_saving_in_progress()
+    assert [p.name for p in (tmp_path / "checkpoints" / "best").iterdir()] == ["7"]
+
+
 def teacher_config(data_dir, workdir, **overrides):
     base = dict(data_dir=str(data_dir), workdir=str(workdir), epochs=2, batch_size=40,
                 eval_batch_size=40, model="resnet8", width=4, progress=False)
