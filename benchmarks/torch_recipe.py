@@ -1,8 +1,8 @@
 """kd-jax's teacher recipe in PyTorch, on the same arrays: is a result the recipe's or ours?
 
 Trains ``torch_resnet``'s twin of a kd-jax ResNet with what ``train_teacher.py`` does: SGD with
-Nesterov momentum 0.9, linear warmup then linear decay to zero (optax's schedule, step by
-step), weight decay on kernels only, zero-initialised last BatchNorm scale in each block,
+Nesterov momentum 0.9, linear warmup then linear decay to zero (kd-jax's own optax schedule,
+step by step), weight decay on kernels only, zero-initialised last BatchNorm scale in each block,
 He fan-out initialisation, zero-padded random crop and mirror, the same normalisation, the first
 ``--train-subset`` training images. Prints the per-epoch figures ``train_teacher.py`` prints,
 for a side-by-side look at two learning curves (one CPU thread, PyTorch's defaults otherwise).
@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import torch_resnet  # noqa: E402
 from kd_jax.data import load_dataset  # noqa: E402
+from kd_jax.train import make_optimizer  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -54,15 +55,6 @@ def build_model(name: str, width: int) -> torch.nn.Module:
     for block in model.blocks:
         torch.nn.init.zeros_(block.bn2.weight)
     return model
-
-
-def learning_rate(step: int, peak: float, warmup: int, total: int) -> float:
-    """``kd_jax.train.make_optimizer``'s schedule: peak/warmup -> peak, then peak -> 0."""
-    warmup = min(warmup, total - 1)
-    if step < warmup:
-        start = peak / max(warmup, 1)
-        return start + (peak - start) * step / warmup
-    return peak * (1 - (step - warmup) / (total - warmup))
 
 
 def augment(images: torch.Tensor, pad: int = 4) -> torch.Tensor:
@@ -96,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
                            {"params": others, "weight_decay": 0.0}],
                           lr=a.learning_rate, momentum=0.9, nesterov=True)
     steps = len(train_x) // a.batch_size
-    total, warmup = steps * a.epochs, int(a.warmup_epochs * steps)
+    # kd-jax's own schedule (warmup, then linear decay), read step by step.
+    _, schedule = make_optimizer(a.learning_rate, a.weight_decay, 0.9,
+                                 int(a.warmup_epochs * steps), steps * a.epochs)
     step = 0
     for epoch in range(1, a.epochs + 1):
         model.train()
@@ -105,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         for s in range(steps):
             idx = order[s * a.batch_size:(s + 1) * a.batch_size]
             for group in opt.param_groups:
-                group["lr"] = learning_rate(step, a.learning_rate, warmup, total)
+                group["lr"] = float(schedule(step))
             logits = model(normalize(augment(train_x[idx])))
             loss = F.cross_entropy(logits, train_y[idx])
             opt.zero_grad()
