@@ -37,6 +37,7 @@ class RunConfig:
     input_dropout: float = 0.0  # MLPs: dropout rate of input pixels (Hinton et al. 2012: 0.2)
     max_norm: float = 0.0  # > 0: cap each unit's incoming weight norm after every update
     train_subset: int | None = None  # use only the first N training images
+    validation: int = 0  # hold out the last N training images, report val_accuracy (tuning)
     steps_per_dispatch: int = 0  # train steps per jitted call (0 = about 10 calls per epoch)
     seed: int = 0
     checkpoint_every_steps: int = 0  # also checkpoint mid-epoch every N steps (0 = epochs only)
@@ -60,6 +61,7 @@ class RunConfig:
             (0 <= self.input_dropout < 1,
              f"input_dropout must be in [0, 1), got {self.input_dropout}"),
             (self.max_norm >= 0, f"max_norm must be >= 0, got {self.max_norm}"),
+            (self.validation >= 0, f"validation must be >= 0, got {self.validation}"),
             (self.steps_per_dispatch >= 0,
              f"steps_per_dispatch must be >= 0, got {self.steps_per_dispatch}"),
             (self.checkpoint_every_steps >= 0,
@@ -80,14 +82,11 @@ class TeacherConfig(RunConfig):
     model: str = "resnet18"
     width: int | None = None  # first-stage channels (resnet default 64)
     label_smoothing: float = 0.0  # off: smoothed teachers distill worse (Mueller et al. 2019)
-    validation: int = 0  # hold out the last N training images, report val_accuracy (tuning)
 
     def validate(self) -> None:
         super().validate()
         if not 0 <= self.label_smoothing < 1:
             raise KdError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.validation < 0:
-            raise KdError(f"validation must be >= 0, got {self.validation}")
 
 
 @dataclasses.dataclass

@@ -102,6 +102,24 @@ class _Job:
     def test_logits(self, state: TrainState) -> np.ndarray:
         return np.asarray(self.predict(inference_variables(state), self.test_images))
 
+    def hold_out_validation(self) -> int:
+        """Keep the last ``--validation`` training images out of training, so settings (a
+        learning rate, a temperature) can be chosen without looking at the test set; returns
+        how many images are left to train on."""
+        num_train = len(self.dataset.train_labels) - self.config.validation
+        if num_train < 1:
+            raise KdError(f"validation {self.config.validation} leaves no training images")
+        self.val_images = self.to_device(self.dataset.train_images[num_train:])
+        self.val_labels = self.dataset.train_labels[num_train:]
+        return num_train
+
+    def validation_scores(self, state: TrainState) -> dict:
+        """``val_loss`` and ``val_accuracy`` on the held-out images; {} when none are held out."""
+        if not self.config.validation:
+            return {}
+        logits = np.asarray(self.predict(inference_variables(state), self.val_images))
+        return metrics.classification_metrics(logits, self.val_labels, prefix="val")
+
     def open_run(self, num_train: int) -> None:
         """Create or reopen the workdir, once every input has been checked."""
         check_batch_size(self.config.batch_size, num_train, self.mesh)
@@ -135,17 +153,11 @@ def train_teacher(config: TeacherConfig) -> dict:
     job = _Job(config, "teacher", config.model, config.width)
     labels = job.dataset.test_labels
     images, train_labels = job.dataset.train_images, job.dataset.train_labels
-    num_train = len(train_labels) - config.validation
-    if num_train < 1:
-        raise KdError(f"validation {config.validation} leaves no training images")
-    val_images, val_labels = job.to_device(images[num_train:]), train_labels[num_train:]
+    num_train = job.hold_out_validation()
 
     def evaluate(state: TrainState) -> dict:
-        scores = metrics.classification_metrics(job.test_logits(state), labels)
-        if config.validation:
-            val_logits = np.asarray(job.predict(inference_variables(state), val_images))
-            scores |= metrics.classification_metrics(val_logits, val_labels, prefix="val")
-        return scores
+        return (metrics.classification_metrics(job.test_logits(state), labels)
+                | job.validation_scores(state))
 
     job.open_run(num_train)
     state = job.initial_state(num_train)
@@ -237,7 +249,9 @@ def distill(config: DistillConfig) -> dict:
                                              config.eval_batch_size, job.mesh)(
         teacher_variables, job.test_images))
     teacher_accuracy = metrics.classification_metrics(teacher_logits, labels)["test_accuracy"]
-    transfer, held_out = split_transfer_set(dataset.train_labels, omit, config.holdout)
+    num_train = job.hold_out_validation()
+    transfer, held_out = split_transfer_set(dataset.train_labels[:num_train], omit,
+                                            config.holdout)
 
     # The student's loop is handed images alone unless a hard-label term is asked for.
     images = dataset.train_images[transfer]
@@ -248,7 +262,7 @@ def distill(config: DistillConfig) -> dict:
         return {**metrics.classification_metrics(logits, labels),
                 "agreement": metrics.agreement(logits, teacher_logits),
                 "test_kl": metrics.mean_kl(logits, teacher_logits),
-                "teacher_test_accuracy": teacher_accuracy}
+                "teacher_test_accuracy": teacher_accuracy, **job.validation_scores(state)}
 
     step = make_distill_step(teacher_model.apply, teacher_variables, config.temperature,
                              config.alpha)

@@ -220,6 +220,9 @@ def test_corrupt_config_json_on_resume(capsys, existing, data_dir):
     (["--checkpoint-every-steps", "-1"], "checkpoint_every_steps must be >= 0, got -1"),
     (["--train-subset", "81"], "--train-subset must be in [1, 80], got 81"),
     (["--batch-size", "96"], "batch_size 96 exceeds the 80 training images"),
+    (["--validation", "-1"], "validation must be >= 0, got -1"),
+    (["--validation", "80"], "validation 80 leaves no training images"),
+    (["--validation", "40", "--batch-size", "48"], "batch_size 48 exceeds the 40 training images"),
 ])
 def test_bad_teacher_settings(capsys, existing, data_dir, flags, message):
     assert teacher_error(capsys, existing, "--data-dir", data_dir, *flags) == message

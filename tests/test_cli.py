@@ -18,16 +18,18 @@ def run(script, *args, cwd=REPO):
 
 def test_teacher_then_student_end_to_end(tiny_cifar, tmp_path):
     teacher = run("train_teacher.py", "--data-dir", tiny_cifar, "--workdir", tmp_path / "t",
-                  "--model", "resnet8", "--width", "4", *TINY)
+                  "--model", "resnet8", "--width", "4", "--validation", "40", *TINY)
     assert teacher.returncode == 0, teacher.stderr
     summary = json.loads((tmp_path / "t" / "summary.json").read_text())
     assert summary["model"] == "resnet8" and 0 <= summary["test_accuracy"] <= 1
+    assert 0 <= summary["val_accuracy"] <= 1
     assert (tmp_path / "t" / "curves.png").stat().st_size > 0
     assert len((tmp_path / "t" / "metrics.jsonl").read_text().splitlines()) == 1
 
     student = run("distill.py", "--data-dir", tiny_cifar, "--teacher-dir", tmp_path / "t",
                   "--workdir", tmp_path / "s", "--student", "resnet8", "--student-width", "2",
-                  "--temperature", "4", "--omit-class", "cat", "--holdout", "50", *TINY)
+                  "--temperature", "4", "--omit-class", "cat", "--holdout", "50",
+                  "--validation", "40", *TINY)
     assert student.returncode == 0, student.stderr
     summary = json.loads((tmp_path / "s" / "summary.json").read_text())
     for key in ("test_accuracy", "agreement", "test_kl", "teacher_test_accuracy",
@@ -35,6 +37,9 @@ def test_teacher_then_student_end_to_end(tiny_cifar, tmp_path):
         assert key in summary
     assert summary["omitted_class"]["class"] == "cat"
     assert summary["train_images"] == 200 and summary["temperature"] == 4.0
+    # 200 - 40 validation - 50 holdout = 110 images, 11 of them cats (4 per 40, labels cycle).
+    assert summary["transfer_images"] == 99 and summary["omitted_class"]["holdout_images"] == 50
+    assert 0 <= summary["val_accuracy"] <= 1 and "val_loss" in summary
     assert "final test accuracy" in student.stdout
 
 
