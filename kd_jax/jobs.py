@@ -111,6 +111,7 @@ class _Job:
             raise KdError(f"validation {self.config.validation} leaves no training images")
         self.val_images = self.to_device(self.dataset.train_images[num_train:])
         self.val_labels = self.dataset.train_labels[num_train:]
+        self.num_train = num_train
         return num_train
 
     def validation_scores(self, state: TrainState) -> dict:
@@ -145,7 +146,8 @@ class _Job:
     def describe(self, model_name: str, state: TrainState) -> dict:
         return {"model": model_name, "params": count_params(state.params),
                 "dtype": self.dtype.name, "devices": self.mesh.size,
-                "train_images": len(self.dataset.train_labels), "workdir": str(self.run.path)}
+                "train_images": self.num_train, "validation_images": self.config.validation,
+                "workdir": str(self.run.path)}
 
 
 def train_teacher(config: TeacherConfig) -> dict:

@@ -36,7 +36,8 @@ def test_teacher_then_student_end_to_end(tiny_cifar, tmp_path):
                 "distill_loss", "per_class_accuracy"):
         assert key in summary
     assert summary["omitted_class"]["class"] == "cat"
-    assert summary["train_images"] == 200 and summary["temperature"] == 4.0
+    assert summary["train_images"] == 160 and summary["validation_images"] == 40
+    assert summary["temperature"] == 4.0
     # 200 - 40 validation - 50 holdout = 110 images, 11 of them cats (4 per 40, labels cycle).
     assert summary["transfer_images"] == 99 and summary["omitted_class"]["holdout_images"] == 50
     assert 0 <= summary["val_accuracy"] <= 1 and "val_loss" in summary
