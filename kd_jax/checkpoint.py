@@ -105,9 +105,9 @@ def _on_one_device(metadata: Any) -> Any:
     Without one, orbax places arrays as they were sharded when saved, which fails wherever
     the devices differ: a teacher trained on a GPU or on several CPU devices, loaded here.
     """
-    tree = getattr(metadata, "item_metadata", metadata)  # orbax >= 0.11 wraps it in StepMetadata
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), tree)
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                        metadata)
 
 
 def load_frozen(workdir: str | Path) -> FrozenModel:
@@ -121,11 +121,17 @@ def load_frozen(workdir: str | Path) -> FrozenModel:
     steps = ocp.utils.checkpoint_steps(root) if root.is_dir() else []
     if not steps:
         raise KdError(f"{workdir}: no checkpoint found under {root}")
-    path = root / str(max(steps))
+    step = max(steps)
+    path = root / str(step)
+    # Through a manager that knows both items' handlers: restoring the item folder on its own
+    # works too, but logs a warning about metadata orbax keeps one level up, on every load.
+    handlers = {"default": ocp.StandardCheckpointHandler(), "meter": ocp.JsonCheckpointHandler()}
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
-            restored = checkpointer.restore(path / "default", _on_one_device(
-                checkpointer.metadata(path / "default")))
+        with ocp.CheckpointManager(root, item_handlers=handlers,
+                                   options=ocp.CheckpointManagerOptions(create=False)) as manager:
+            target = _on_one_device(manager.item_metadata(step)["default"])
+            restored = manager.restore(step, args=ocp.args.Composite(
+                default=ocp.args.StandardRestore(target)))["default"]
     except Exception as e:  # orbax raises many kinds of errors for damaged files
         raise KdError(f"{path}: corrupt or unreadable checkpoint ({type(e).__name__})") from None
     # Models without BatchNorm (MLPs) have no batch_stats collection: leave it out rather

@@ -1,4 +1,5 @@
 import json
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -86,6 +87,22 @@ def test_omit_class_removes_every_image_of_that_class():
     assert len(transfer) == 900 - 90 and held_out.tolist() == list(range(900, 1000))
     everything, none = jobs.split_transfer_set(labels, None, 100)
     assert len(everything) == 1000 and len(none) == 0
+
+
+def test_frozen_restore_is_exact_and_quiet(tmp_path, caplog):
+    """No orbax warning on every distillation run's teacher load (an earlier one logged one)."""
+    _, state = small_state(4)
+    checkpoints = RunCheckpoints(tmp_path)
+    checkpoints.save(state.replace(step=3), {"train_loss": 1.5})
+    checkpoints.close()
+    (tmp_path / "config.json").write_text(json.dumps({"model": "resnet8", "width": 4}))
+    with caplog.at_level(logging.WARNING):
+        frozen = load_frozen(tmp_path)
+    assert [record.getMessage() for record in caplog.records] == []
+    assert frozen.checkpoint == tmp_path / "checkpoints" / "latest" / "3"
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(frozen.variables["params"]),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_checkpoint_round_trip(tmp_path):
