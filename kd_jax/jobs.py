@@ -102,16 +102,20 @@ class _Job:
     def test_logits(self, state: TrainState) -> np.ndarray:
         return np.asarray(self.predict(inference_variables(state), self.test_images))
 
+    @property
+    def num_train(self) -> int:
+        """Training images left once the ``--validation`` ones are held out."""
+        return len(self.dataset.train_labels) - self.config.validation
+
     def hold_out_validation(self) -> int:
         """Keep the last ``--validation`` training images out of training, so settings (a
         learning rate, a temperature) can be chosen without looking at the test set; returns
         how many images are left to train on."""
-        num_train = len(self.dataset.train_labels) - self.config.validation
+        num_train = self.num_train
         if num_train < 1:
             raise KdError(f"validation {self.config.validation} leaves no training images")
         self.val_images = self.to_device(self.dataset.train_images[num_train:])
         self.val_labels = self.dataset.train_labels[num_train:]
-        self.num_train = num_train
         return num_train
 
     def validation_scores(self, state: TrainState) -> dict:
