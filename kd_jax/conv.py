@@ -1,12 +1,11 @@
-"""A drop-in ``lax.conv_general_dilated`` whose kernel gradient is made of matrix products on CPU.
+"""A drop-in ``lax.conv_general_dilated`` whose kernel gradient is a matrix product on CPU.
 
-XLA:CPU lowers a convolution's kernel gradient to an Eigen convolution that contracts over the
-batch and spatial axes, which is several times slower than the forward pass (measured on this
-project's 2-core Zen 4 CPU: about 3.5x for a 3x3, 64-channel ResNet-18 layer at batch 128). The
-same gradient written as one matrix product per kernel tap (the input's shifted view against
-the output gradient), a few images at a time, runs at matrix-product speed: see
-:func:`kernel_grad`. Accelerators keep XLA's own convolution gradients (cuDNN and the TPU
-compiler are good at them).
+XLA:CPU lowers a convolution's kernel gradient to a convolution that contracts over the batch
+and spatial axes, several times slower than the forward pass (measured on this project's
+2-core Zen 4 CPU, `benchmarks/conv_layers.py`: about 5x for ResNet-18's first two stages). The
+same gradient written as one matrix product of the output gradient and the input's im2col, a
+few images at a time, runs at matrix-product speed: see :func:`kernel_grad`. Accelerators keep
+XLA's own convolution gradients (cuDNN and the TPU compiler are good at them).
 
 Only the case ResNets use is rewritten (NHWC input, HWIO kernel, no dilation, one feature
 group); anything else goes to ``lax.conv_general_dilated`` untouched.
@@ -81,12 +80,14 @@ def kernel_grad(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int],
                 strides: Sequence[int], padding: Sequence[tuple[int, int]]) -> jax.Array:
     """d(loss)/d(kernel), accumulated over cache-sized chunks of the batch (float32).
 
-    Each kernel tap's gradient is a matrix product of the input's shifted view and ``dy``,
-    contracting over images and positions. Building those views for the whole batch (a 300 MB
-    im2col for ResNet-18's first stage at batch 128) runs at XLA:CPU's copy speed, far below
-    its matrix-product speed; a loop over a few images at a time keeps the views in cache.
-    Measured on one Zen 4 core, batch 128, 3x3 convolution 32 x 32 x 64 -> 64: XLA's own
-    gradient 315 ms, this 169 ms (4 images a step); the whole-batch im2col took 447 ms.
+    The gradient is one matrix product of ``dy`` (positions x cout) and the input's im2col
+    (positions x every kernel tap's input channels), contracting over images and positions.
+    Building the im2col for the whole batch (300 MB for ResNet-18's first stage at batch
+    128) runs at XLA:CPU's copy speed, far below its matrix-product speed; a loop over a few
+    images at a time keeps it in cache. Measured on one Zen 4 core, batch 128, 3x3
+    convolution 32 x 32 x 64 -> 64: XLA's own gradient 302 ms, this 111 ms (4 images a
+    step); the whole-batch im2col took 447 ms, one product per tap instead of one for all
+    taps 160-175 ms, and the same product with its output transposed (taps x cout) 195 ms.
 
     Under data parallelism (the batch sharded over all devices, see ``kd_jax.train.make_mesh``)
     the batch is split into one group per device and the loop sums each group apart, so every
@@ -95,19 +96,21 @@ def kernel_grad(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int],
     of different convolutions' loops in different orders).
     """
     n = x.shape[0]
+    kh, kw, cin, cout = kernel_shape
     groups = jax.device_count() if n % jax.device_count() == 0 else 1
     steps = _loop_steps(n // groups, x[0].size * x.dtype.itemsize, CHUNK_BYTES)
     split = lambda a: a.reshape(groups, n // groups // steps, steps, *a.shape[1:])
     xs, dys = split(x), split(dy)
-    per_tap = partial(_tap_grads, kernel_shape=kernel_shape, strides=strides, padding=padding)
+    chunk_grad = partial(_chunk_grad, kernel_shape=kernel_shape, strides=strides,
+                         padding=padding)
 
     def add_chunk(k, total):
         chunk = lambda a: lax.dynamic_index_in_dim(a, k, axis=2, keepdims=False)
-        return total + per_tap(chunk(xs), chunk(dys))
+        return total + chunk_grad(chunk(xs), chunk(dys))
 
     per_group = lax.fori_loop(0, steps, add_chunk,
-                              jnp.zeros((groups, *kernel_shape), jnp.float32))
-    return per_group.sum(0)
+                              jnp.zeros((groups, cout, kh * kw * cin), jnp.float32))
+    return per_group.sum(0).T.reshape(kh, kw, cin, cout)
 
 
 def _loop_steps(n: int, image_bytes: int, chunk_bytes: int) -> int:
@@ -118,19 +121,18 @@ def _loop_steps(n: int, image_bytes: int, chunk_bytes: int) -> int:
     return n // chunk
 
 
-def _tap_grads(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int],
-               strides: Sequence[int], padding: Sequence[tuple[int, int]]) -> jax.Array:
-    """One chunk's kernel gradient per group (the leading axis of ``x`` and ``dy``): per tap,
-    (positions x cin)^T @ (positions x cout)."""
+def _chunk_grad(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int],
+                strides: Sequence[int], padding: Sequence[tuple[int, int]]) -> jax.Array:
+    """One chunk's kernel gradient per group (the leading axis of ``x`` and ``dy``), as
+    cout x (taps * cin): ``dy`` (positions x cout) against the im2col (positions x taps*cin)."""
     kh, kw, cin, cout = kernel_shape
     groups, n, ho, wo, _ = dy.shape
     sh, sw = strides
     xp = jnp.pad(x, ((0, 0), (0, 0), *padding, (0, 0)))
-    dy = dy.reshape(groups, -1, cout)
-    taps = [lax.slice(xp, (0, 0, i, j, 0),
-                      (groups, n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, cin),
-                      (1, 1, sh, sw, 1)).reshape(groups, -1, cin)
-            for i in range(kh) for j in range(kw)]
-    grads = [lax.dot_general(tap, dy, (((1,), (1,)), ((0,), (0,))),
-                             preferred_element_type=jnp.float32) for tap in taps]
-    return jnp.stack(grads, axis=1).reshape(groups, kh, kw, cin, cout)
+    im2col = jnp.concatenate(
+        [lax.slice(xp, (0, 0, i, j, 0),
+                   (groups, n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, cin),
+                   (1, 1, sh, sw, 1))
+         for i in range(kh) for j in range(kw)], axis=-1).reshape(groups, -1, kh * kw * cin)
+    return lax.dot_general(dy.reshape(groups, -1, cout), im2col, (((1,), (1,)), ((0,), (0,))),
+                           preferred_element_type=jnp.float32)
