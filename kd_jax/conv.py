@@ -2,7 +2,7 @@
 
 XLA:CPU lowers a convolution's kernel gradient to a convolution that contracts over the batch
 and spatial axes, several times slower than the forward pass (measured on this project's
-2-core Zen 4 CPU, `benchmarks/conv_layers.py`: about 5x for ResNet-18's first two stages). The
+2-core Zen 4 CPU, `benchmarks/conv_layers.py`: 4-5.5x for ResNet-18's first two stages). The
 same gradient written as one matrix product of the output gradient and the input's im2col, a
 few images at a time, runs at matrix-product speed: see :func:`kernel_grad`. Accelerators keep
 XLA's own convolution gradients (cuDNN and the TPU compiler are good at them).
