@@ -4,14 +4,16 @@
 #
 #   benchmarks/gpu_reproduce.sh DATA_DIR OUT_DIR [SEED ...]      (default seed: 0)
 #
-# KD_FLAGS="--learning-rate 0.2 ..." adds flags to every run; KD_NO_SMALL=1 skips the small
-# student; KD_SMOKE=1 shrinks every run to a CPU-sized one that runs exactly the same commands.
+# KD_FLAGS="--learning-rate 0.2 ..." adds flags to every run, KD_TEACHER_FLAGS to the teacher's
+# alone; KD_NO_SMALL=1 skips the small student, KD_SKIP_BENCH=1 the benchmark; KD_SMOKE=1
+# shrinks every run to a CPU-sized one that runs exactly the same commands.
 # Each step logs and carries on if an earlier one failed, so one failure never costs the rest.
 set -uo pipefail
 DATA=$1; OUT=$2; shift 2
 SEEDS=("$@")
 [ $# -eq 0 ] && SEEDS=(0)
 read -r -a FLAGS <<< "${KD_FLAGS:-}"
+read -r -a TEACHER_FLAGS <<< "${KD_TEACHER_FLAGS:-}"
 mkdir -p "$OUT/runs"
 log() { echo "== $(date -u +%T) $*"; }
 run() { log "$*"; "$@" || log "FAILED ($?): $*"; }
@@ -21,7 +23,8 @@ if [ "${KD_SMOKE:-0}" = 1 ]; then
   TEACHER=(--width 8); STUDENT=(--student-width 4); SMALL=(--student-width 2)
   BENCH=(--width 8 --batch-size 64 --steps 3)
 else
-  SHRINK=(); TEACHER=(); STUDENT=(); SMALL=(--student-width 32); BENCH=()
+  SHRINK=(); TEACHER=(); STUDENT=(); SMALL=(--student-width 32)
+  BENCH=(--batch-size 512 --steps-per-dispatch 10 --steps 50)
 fi
 SHRINK+=("${FLAGS[@]}")
 
@@ -36,7 +39,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 for seed in "${SEEDS[@]}"; do
   T="$OUT/runs/teacher-s$seed"
   run python train_teacher.py --data-dir "$DATA" --workdir "$T" --seed "$seed" --no-progress \
-      "${SHRINK[@]}" "${TEACHER[@]}"
+      "${SHRINK[@]}" "${TEACHER[@]}" "${TEACHER_FLAGS[@]}"
   run python distill.py --temperature 4 --data-dir "$DATA" --teacher-dir "$T" --seed "$seed" \
       --workdir "$OUT/runs/student-r18-s$seed" --no-progress "${SHRINK[@]}" "${STUDENT[@]}"
   if [ "$seed" = "${SEEDS[0]}" ] && [ "${KD_NO_SMALL:-0}" != 1 ]; then
