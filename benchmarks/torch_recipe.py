@@ -3,9 +3,10 @@
 Trains ``torch_resnet``'s twin of a kd-jax ResNet with what ``train_teacher.py`` does: SGD with
 Nesterov momentum 0.9, linear warmup then linear decay to zero (kd-jax's own optax schedule,
 step by step), weight decay on kernels only, zero-initialised last BatchNorm scale in each block,
-He fan-out initialisation, zero-padded random crop and mirror, the same normalisation, the first
-``--train-subset`` training images. Prints the per-epoch figures ``train_teacher.py`` prints,
-for a side-by-side look at two learning curves (one CPU thread, PyTorch's defaults otherwise).
+He fan-out initialisation, zero-padded random crop and mirror, the same normalisation, the same
+label smoothing, the first ``--train-subset`` training images; the defaults are kd-jax's. Prints
+the per-epoch figures ``train_teacher.py`` prints, for a side-by-side look at two learning
+curves (one CPU thread, PyTorch's defaults otherwise).
 
     python benchmarks/torch_recipe.py --data-dir ../shared/data --width 16 --train-subset 10000 \\
         --batch-size 128 --learning-rate 0.1
@@ -25,21 +26,24 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import torch_resnet  # noqa: E402
+from kd_jax.config import TeacherConfig  # noqa: E402
 from kd_jax.data import load_dataset  # noqa: E402
 from kd_jax.train import make_optimizer  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    kd = TeacherConfig()
     p.add_argument("--data-dir", required=True)
     p.add_argument("--model", default="resnet18")
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--train-subset", type=int, default=None)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--learning-rate", type=float, default=0.4)
-    p.add_argument("--warmup-epochs", type=float, default=2.0)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--epochs", type=int, default=kd.epochs)
+    p.add_argument("--batch-size", type=int, default=kd.batch_size)
+    p.add_argument("--learning-rate", type=float, default=kd.learning_rate)
+    p.add_argument("--warmup-epochs", type=float, default=kd.warmup_epochs)
+    p.add_argument("--weight-decay", type=float, default=kd.weight_decay)
+    p.add_argument("--label-smoothing", type=float, default=kd.label_smoothing)
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -101,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             for group in opt.param_groups:
                 group["lr"] = float(schedule(step))
             logits = model(normalize(augment(train_x[idx])))
-            loss = F.cross_entropy(logits, train_y[idx])
+            loss = F.cross_entropy(logits, train_y[idx], label_smoothing=a.label_smoothing)
             opt.zero_grad()
             loss.backward()
             opt.step()
