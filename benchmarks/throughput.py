@@ -116,12 +116,21 @@ def _flops(fn: Callable, *args) -> float | None:
 
     Counted with XLA's own convolutions: kd_jax.conv's kernel gradient loops over chunks of
     the batch, and cost analysis counts a loop's body once. The arithmetic is the same.
+    jax raises NotImplementedError from ``Lowered.cost_analysis`` on backends behind the PJRT
+    C API (the CUDA plugin; the H200 run of 2026-11-26 printed no FLOPs), so there the count
+    falls back to the compiled program's.
     """
     current = kd_conv.conv_general_dilated
     kd_conv.conv_general_dilated = jax.lax.conv_general_dilated  # read when the model is traced
     try:
-        return float(jax.jit(fn).lower(*args).cost_analysis()["flops"])
-    except Exception:  # cost analysis is best-effort on some backends
+        lowered = jax.jit(fn).lower(*args)
+        for count in (lowered.cost_analysis, lambda: lowered.compile().cost_analysis()):
+            try:
+                analysis = count()
+                analysis = analysis[0] if isinstance(analysis, list) else analysis
+                return float(analysis["flops"])
+            except Exception:  # cost analysis is best-effort on some backends
+                continue
         return None
     finally:
         kd_conv.conv_general_dilated = current
