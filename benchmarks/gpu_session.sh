@@ -70,7 +70,8 @@ PY
 )
 log "best by val_accuracy: ${BEST:-none}"
 pack
-SPEC=${VARIANTS[${BEST:-lr0.4}]}
+SPEC=""  # no finished variant: the defaults
+[ -n "$BEST" ] && SPEC=${VARIANTS[$BEST]}
 SHARED=${SPEC%%|*}; TEACHER_ONLY=""
 [[ $SPEC == *"|"* ]] && TEACHER_ONLY=${SPEC#*|}
 echo "all runs: $SHARED / teacher only: $TEACHER_ONLY" > "$WORK/chosen_flags.txt"
