@@ -87,6 +87,19 @@ def test_shipped_configs_load():
         cls(**load_yaml(path, cls)).validate()
 
 
+@pytest.mark.parametrize("name", ["teacher", "distill"])
+def test_default_configs_state_the_defaults(name):
+    """configs/teacher.yaml and distill.yaml say they equal no --config: every key they set
+    must be the dataclass default (the recipe chosen on the validation split)."""
+    from kd_jax.config import DistillConfig, TeacherConfig, load_yaml
+
+    cls = {"teacher": TeacherConfig, "distill": DistillConfig}[name]
+    stated = load_yaml(REPO / "configs" / f"{name}.yaml", cls)
+    defaults = {key: getattr(cls(), key) for key in stated}
+    assert stated == defaults
+    assert defaults["learning_rate"] == 1.6
+
+
 @pytest.mark.slow
 def test_narrow_resnet_beats_chance_on_real_cifar10(real_cifar, tmp_path):
     """A short real-data run: narrow ResNet-8, 4,096 images, 3 epochs, on the real test set."""
