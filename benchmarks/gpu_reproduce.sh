@@ -5,13 +5,16 @@
 #   benchmarks/gpu_reproduce.sh DATA_DIR OUT_DIR [SEED ...]      (default seed: 0)
 #
 # KD_FLAGS="--learning-rate 0.2 ..." adds flags to every run, KD_TEACHER_FLAGS to the teacher's
-# alone; KD_NO_SMALL=1 skips the small student, KD_SKIP_BENCH=1 the benchmark; KD_SMOKE=1
-# shrinks every run to a CPU-sized one that runs exactly the same commands.
+# alone; KD_NO_SMALL=1 skips the small student, KD_SKIP_BENCH=1 the benchmark, and
+# KD_BENCH_ONLY=DTYPE runs the benchmark alone, in that dtype; KD_SMOKE=1 shrinks every run to a
+# CPU-sized one that runs exactly the same commands.
 # Each step logs and carries on if an earlier one failed, so one failure never costs the rest.
 set -uo pipefail
 DATA=$1; OUT=$2; shift 2
 SEEDS=("$@")
 [ $# -eq 0 ] && SEEDS=(0)
+DTYPES=(float32 bfloat16)
+[ -n "${KD_BENCH_ONLY:-}" ] && SEEDS=() && DTYPES=("$KD_BENCH_ONLY")
 read -r -a FLAGS <<< "${KD_FLAGS:-}"
 read -r -a TEACHER_FLAGS <<< "${KD_TEACHER_FLAGS:-}"
 mkdir -p "$OUT/runs"
@@ -49,10 +52,10 @@ for seed in "${SEEDS[@]}"; do
 done
 
 if [ -f benchmarks/throughput.py ] && [ "${KD_SKIP_BENCH:-0}" != 1 ]; then
-  for dtype in float32 bfloat16; do
+  for dtype in "${DTYPES[@]}"; do
     run python benchmarks/throughput.py --dtype "$dtype" --json "$OUT/throughput-$dtype.json" \
         "${BENCH[@]}"
   done
 fi
 
-log "done: seeds ${SEEDS[*]}"
+log "done${SEEDS[*]:+: seeds ${SEEDS[*]}}"
