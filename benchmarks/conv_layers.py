@@ -5,6 +5,7 @@ the kernel gradient, each jitted on its own, median of ``--repeats`` calls after
 Run it pinned to one core with one single-threaded XLA device, as training runs each device:
 
     taskset -c 0 python benchmarks/conv_layers.py            # batch 64: one of two devices' share
+    taskset -c 0 python benchmarks/conv_layers.py --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -65,14 +66,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     a = parser.parse_args(argv)
-    print(f"batch {a.batch_size}, {jax.device_count()} device(s), ms per call (xla / kd)")
+    print(f"batch {a.batch_size}, {a.dtype}, {jax.device_count()} device(s), ms per call "
+          "(xla / kd)")
     print(f"{'layer':<28}{'forward':>16}{'input grad':>16}{'kernel grad':>16}")
     for size, cin, cout, k, stride in LAYERS:
         keys = jax.random.split(jax.random.key(0), 3)
-        x = jax.random.normal(keys[0], (a.batch_size, size, size, cin))
-        kernel = jax.random.normal(keys[1], (k, k, cin, cout))
-        dy = jax.random.normal(keys[2], (a.batch_size, size // stride, size // stride, cout))
+        x = jax.random.normal(keys[0], (a.batch_size, size, size, cin), a.dtype)
+        kernel = jax.random.normal(keys[1], (k, k, cin, cout), a.dtype)
+        dy = jax.random.normal(keys[2], (a.batch_size, size // stride, size // stride, cout),
+                               a.dtype)
         times = {name: layer_times(conv, x, kernel, dy, stride, a.repeats)
                  for name, conv in CONVS.items()}
         cells = [f"{times['xla'][i]:7.1f} /{times['kd'][i]:6.1f}" for i in range(3)]

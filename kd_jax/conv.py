@@ -1,18 +1,27 @@
-"""A drop-in ``lax.conv_general_dilated`` whose kernel gradient is a matrix product on CPU.
+"""A drop-in ``lax.conv_general_dilated`` built from matrix products where XLA:CPU is slow.
 
-XLA:CPU lowers a convolution's kernel gradient to a convolution that contracts over the batch
-and spatial axes, several times slower than the forward pass (measured on this project's
-2-core Zen 4 CPU, `benchmarks/conv_layers.py`: 4-5.5x for ResNet-18's first two stages). The
-same gradient written as one matrix product of the output gradient and the input's im2col, a
-few images at a time, runs at matrix-product speed: see :func:`kernel_grad`. Accelerators keep
-XLA's own convolution gradients (cuDNN and the TPU compiler are good at them).
+Two cases are rewritten on CPU, both measured on this project's 2-core development VMs
+(`benchmarks/conv_layers.py`):
 
-Only the case ResNets use is rewritten (NHWC input, HWIO kernel, no dilation, one feature
-group); anything else goes to ``lax.conv_general_dilated`` untouched.
+- **The kernel gradient, any dtype.** XLA:CPU lowers it to a convolution that contracts over
+  the batch and spatial axes, several times slower than the forward pass (4-5.5x for
+  ResNet-18's first two stages). The same gradient written as one matrix product of the output
+  gradient and the input's im2col, a few images at a time, runs at matrix-product speed: see
+  :func:`kernel_grad`.
+- **Every bfloat16 convolution with an even number of input channels** (forward, and the
+  input gradient at stride 1): XLA:CPU's bf16 convolution ran *slower* than its float32 one
+  on an Intel Xeon with AMX (first stage, 64 images: 54.7 vs 36.3 ms), while its bf16 matrix
+  product with float32 accumulation runs ~4x its float32 one. :func:`matmul_conv` is im2col
+  times the kernel, a few images at a time.
+
+Accelerators keep XLA's own convolutions (cuDNN and the TPU compiler are good at them). Only
+the case ResNets use is rewritten (NHWC input, HWIO kernel, no dilation, one feature group);
+anything else goes to ``lax.conv_general_dilated`` untouched.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -29,7 +38,7 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
                          rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1,
                          batch_group_count: int = 1, precision=None,
                          preferred_element_type=None) -> jax.Array:
-    """``lax.conv_general_dilated``, with the im2col kernel gradient on CPU (see module doc)."""
+    """``lax.conv_general_dilated``, with matrix products on CPU (see the module doc)."""
     plain = partial(lax.conv_general_dilated, window_strides=window_strides, padding=padding,
                     lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
                     dimension_numbers=dimension_numbers,
@@ -54,26 +63,86 @@ def _plain(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
                                     precision=precision)
 
 
-_conv = jax.custom_vjp(_plain, nondiff_argnums=(2, 3, 4))
+def _as_matmul(x: jax.Array) -> bool:
+    """Whether a convolution of ``x`` runs as :func:`matmul_conv`: bfloat16 with channels
+    that pair into 32-bit words (see :func:`_im2col`)."""
+    return x.dtype == jnp.bfloat16 and x.shape[-1] % 2 == 0
+
+
+def _forward(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
+             padding: tuple[tuple[int, int], ...], precision: Any) -> jax.Array:
+    if _as_matmul(x) and kernel.dtype == jnp.bfloat16:
+        return matmul_conv(x, kernel, strides, padding)
+    return _plain(x, kernel, strides, padding, precision)
+
+
+_conv = jax.custom_vjp(_forward, nondiff_argnums=(2, 3, 4))
 
 
 def _conv_fwd(x, kernel, strides, padding, precision):
-    return _conv(x, kernel, strides, padding, precision), (x, kernel)
+    return _forward(x, kernel, strides, padding, precision), (x, kernel)
 
 
 def _conv_bwd(strides, padding, precision, residuals, dy):
     x, kernel = residuals
-    _, input_vjp = jax.vjp(lambda x: _plain(x, kernel, strides, padding, precision), x)
-    return input_vjp(dy)[0], kernel_grad(x, dy, kernel.shape, strides, padding).astype(kernel.dtype)
+    return (_input_grad(x, kernel, dy, strides, padding, precision),
+            kernel_grad(x, dy, kernel.shape, strides, padding).astype(kernel.dtype))
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-# Images per loop step of the kernel gradient are chosen so that one step's input fits in about
-# this many bytes, i.e. in a core's L2 cache (1 MiB on Zen 4): see :func:`kernel_grad`. Read
-# at trace time (tests lower it to run the loop on tiny images).
-CHUNK_BYTES = 1 << 20
+def _input_grad(x: jax.Array, kernel: jax.Array, dy: jax.Array, strides: tuple[int, int],
+                padding: tuple[tuple[int, int], ...], precision: Any) -> jax.Array:
+    """d(loss)/dx. At stride 1 it is the convolution of ``dy`` with the kernel turned by 180
+    degrees and its channels swapped, padded by what the forward pass cut off, so bfloat16 takes
+    :func:`matmul_conv`; strided convolutions keep XLA's own gradient."""
+    kh, kw = kernel.shape[:2]
+    mirrored = ((kh - 1 - padding[0][0], kh - 1 - padding[0][1]),
+                (kw - 1 - padding[1][0], kw - 1 - padding[1][1]))
+    if (strides == (1, 1) and _as_matmul(dy) and kernel.dtype == jnp.bfloat16
+            and min(min(p) for p in mirrored) >= 0):
+        turned = jnp.flip(kernel, (0, 1)).swapaxes(2, 3)
+        return matmul_conv(dy, turned, (1, 1), mirrored).astype(x.dtype)
+    _, input_vjp = jax.vjp(lambda x: _plain(x, kernel, strides, padding, precision), x)
+    return input_vjp(dy)[0]
+
+
+# Images per loop step are chosen so that one step's input holds at most this many values:
+# 1 MiB of float32 or 512 KiB of bfloat16, within a core's L2 cache (1 MiB on Zen 4, 2 MiB on
+# the Xeon). Per layer on one Xeon core, bf16, 64 images: 1 MiB per step took 64.5 / 37.7 ms
+# for the first two stages' kernel gradients, 512 KiB 52.9 / 24.4; for float32 the two were
+# within noise (see :func:`kernel_grad`). Read at trace time (tests lower it to run the
+# loops on tiny images).
+CHUNK_VALUES = 1 << 18
+
+
+def matmul_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
+                padding: Sequence[tuple[int, int]]) -> jax.Array:
+    """The convolution as im2col (positions x taps*cin) times the kernel (taps*cin x cout),
+    accumulated in float32, over cache-sized chunks of the batch; output in ``x.dtype``.
+
+    For bfloat16 on CPU: XLA:CPU multiplies bf16 matrices ~4.5x faster than float32 ones
+    (4096 x 576 x 64, one Xeon core: 0.44 vs 1.97 ms) but runs bf16 convolutions no faster than
+    float32 ones. The chunks are split per device as in :func:`kernel_grad`; each loop step
+    writes its images' outputs in place.
+    """
+    n, h, w, _ = x.shape
+    kh, kw, cin, cout = kernel.shape
+    ho = (h + sum(padding[0]) - kh) // strides[0] + 1
+    wo = (w + sum(padding[1]) - kw) // strides[1] + 1
+    (xs,) = _chunks(x)
+    weights = kernel.reshape(kh * kw * cin, cout)
+
+    def chunk_out(k, ys):
+        cols = _im2col(lax.dynamic_index_in_dim(xs, k, axis=1, keepdims=False), (kh, kw),
+                       strides, padding)
+        y = lax.dot_general(cols, weights, (((cols.ndim - 1,), (0,)), ((), ())),
+                            preferred_element_type=jnp.float32)
+        return lax.dynamic_update_index_in_dim(ys, y.astype(x.dtype), k, axis=1)
+
+    ys = jnp.zeros((*xs.shape[:3], ho, wo, cout), x.dtype)
+    return lax.fori_loop(0, xs.shape[1], chunk_out, ys).reshape(n, ho, wo, cout)
 
 
 def kernel_grad(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int],
@@ -89,51 +158,100 @@ def kernel_grad(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int],
     step); the whole-batch im2col took 447 ms, one product per tap instead of one for all
     taps 160-175 ms, and this product with its output the other way round ((taps * cin) x
     cout) 195 ms.
-
-    Under data parallelism (the batch sharded over all devices, see ``kd_jax.train.make_mesh``)
-    the batch is split into one group per device and the loop sums each group apart, so every
-    device loops over its own images only and the devices' sums meet once, after the loop. A
-    cross-device sum inside the loop deadlocked XLA:CPU (its devices reached the collectives
-    of different convolutions' loops in different orders).
     """
-    n = x.shape[0]
     kh, kw, cin, cout = kernel_shape
-    groups = jax.device_count() if n % jax.device_count() == 0 else 1
-    steps = _loop_steps(n // groups, x[0].size * x.dtype.itemsize, CHUNK_BYTES)
-    split = lambda a: a.reshape(groups, n // groups // steps, steps, *a.shape[1:])
-    xs, dys = split(x), split(dy)
+    xs, dys = _chunks(x, dy, min_steps=2 if dy.dtype == jnp.bfloat16 else 1)
+    # bf16 takes the fast product only inside a real loop: with one step XLA drops the loop,
+    # folds the final transpose into the product and then fails to run it (jax 0.10.2, CPU).
+    pairs = dy.dtype == jnp.bfloat16 and xs.shape[1] > 1 and math.prod(dys.shape[2:-1]) % 2 == 0
     chunk_grad = partial(_chunk_grad, kernel_shape=kernel_shape, strides=strides,
-                         padding=padding)
+                         padding=padding, transpose_pairs=pairs)
 
     def add_chunk(k, total):
-        chunk = lambda a: lax.dynamic_index_in_dim(a, k, axis=2, keepdims=False)
+        chunk = lambda a: lax.dynamic_index_in_dim(a, k, axis=1, keepdims=False)
         return total + chunk_grad(chunk(xs), chunk(dys))
 
-    per_group = lax.fori_loop(0, steps, add_chunk,
-                              jnp.zeros((groups, cout, kh * kw * cin), jnp.float32))
+    per_group = lax.fori_loop(0, xs.shape[1], add_chunk,
+                              jnp.zeros((xs.shape[0], cout, kh * kw * cin), jnp.float32))
     return per_group.sum(0).T.reshape(kh, kw, cin, cout)
 
 
-def _loop_steps(n: int, image_bytes: int, chunk_bytes: int) -> int:
-    """Loop steps for ``n`` images: chunks of at most ``chunk_bytes`` (at least one image),
+def _chunks(x: jax.Array, *more: jax.Array, min_steps: int = 1) -> list[jax.Array]:
+    """Each array as [groups, loop steps, images per step, ...], cut so that a step of ``x``
+    holds at most :data:`CHUNK_VALUES`, in at least ``min_steps`` steps where there are
+    enough images.
+
+    Under data parallelism (the batch sharded over all devices, see
+    ``kd_jax.train.make_mesh``) there is one group per device, so that every device loops over
+    its own images only and the devices' results meet once, after the loop. A cross-device sum
+    inside the loop deadlocked XLA:CPU (its devices reached the collectives of different
+    convolutions' loops in different orders).
+    """
+    n = x.shape[0]
+    groups = jax.device_count() if n % jax.device_count() == 0 else 1
+    per_group = n // groups
+    budget = min(CHUNK_VALUES, per_group // min_steps * x[0].size)
+    steps = _loop_steps(per_group, x[0].size, budget)
+    return [a.reshape(groups, steps, per_group // steps, *a.shape[1:]) for a in (x, *more)]
+
+
+def _loop_steps(n: int, image_values: int, chunk_values: int) -> int:
+    """Loop steps for ``n`` images: chunks of at most ``chunk_values`` (at least one image),
     the number of steps dividing ``n``."""
-    chunk = max((c for c in range(1, n + 1) if n % c == 0 and c * image_bytes <= chunk_bytes),
+    chunk = max((c for c in range(1, n + 1) if n % c == 0 and c * image_values <= chunk_values),
                 default=1)
     return n // chunk
 
 
+def _im2col(x: jax.Array, kernel_hw: Sequence[int], strides: Sequence[int],
+            padding: Sequence[tuple[int, int]]) -> jax.Array:
+    """[..., h, w, c] -> [..., ho, wo, taps * c]: each output position's receptive field.
+
+    bfloat16 channels are moved in pairs, as 32-bit words: XLA:CPU copies 16-bit elements
+    no faster than 32-bit ones, so this halves the copying (one Xeon core, 4 images of
+    32 x 32 x 64 a step, whole layer forward: 36.9 ms against 59.7).
+    """
+    if _as_matmul(x):
+        words = lax.bitcast_convert_type(x.reshape(*x.shape[:-1], -1, 2), jnp.uint32)
+        cols = lax.bitcast_convert_type(_im2col(words, kernel_hw, strides, padding), x.dtype)
+        return cols.reshape(*cols.shape[:-2], -1)
+    (kh, kw), (sh, sw), lead = kernel_hw, strides, x.ndim - 3
+    xp = jnp.pad(x, ((0, 0),) * lead + (*padding, (0, 0)))
+    *batch, hp, wp, c = xp.shape
+    ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+    return jnp.concatenate(
+        [lax.slice(xp, (0,) * lead + (i, j, 0),
+                   (*batch, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c),
+                   (1,) * lead + (sh, sw, 1))
+         for i in range(kh) for j in range(kw)], axis=-1)
+
+
 def _chunk_grad(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int],
-                strides: Sequence[int], padding: Sequence[tuple[int, int]]) -> jax.Array:
+                strides: Sequence[int], padding: Sequence[tuple[int, int]],
+                transpose_pairs: bool) -> jax.Array:
     """One chunk's kernel gradient per group (the leading axis of ``x`` and ``dy``), as
-    cout x (taps * cin): ``dy`` (positions x cout) against the im2col (positions x taps*cin)."""
+    cout x (taps * cin): ``dy`` (positions x cout) against the im2col (positions x taps*cin);
+    with ``transpose_pairs`` (bfloat16), ``dy`` is transposed first (see :func:`_transposed`)."""
     kh, kw, cin, cout = kernel_shape
-    groups, n, ho, wo, _ = dy.shape
-    sh, sw = strides
-    xp = jnp.pad(x, ((0, 0), (0, 0), *padding, (0, 0)))
-    im2col = jnp.concatenate(
-        [lax.slice(xp, (0, 0, i, j, 0),
-                   (groups, n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, cin),
-                   (1, 1, sh, sw, 1))
-         for i in range(kh) for j in range(kw)], axis=-1).reshape(groups, -1, kh * kw * cin)
-    return lax.dot_general(dy.reshape(groups, -1, cout), im2col, (((1,), (1,)), ((0,), (0,))),
+    groups = dy.shape[0]
+    cols = _im2col(x, (kh, kw), strides, padding).reshape(groups, -1, kh * kw * cin)
+    dy = dy.reshape(groups, -1, cout)
+    if transpose_pairs:
+        return lax.dot_general(_transposed(dy), cols, (((2,), (1,)), ((0,), (0,))),
+                               preferred_element_type=jnp.float32)
+    return lax.dot_general(dy, cols, (((1,), (1,)), ((0,), (0,))),
                            preferred_element_type=jnp.float32)
+
+
+def _transposed(dy: jax.Array) -> jax.Array:
+    """[groups, positions, c] bfloat16 -> [groups, c, positions], copied for real.
+
+    XLA:CPU multiplies bf16 matrices fast only with the contraction on the minor axis of the
+    left operand; otherwise it converts both to float32 first (3.2x slower: dy^T x im2col,
+    4096 positions, 64 x 576 output, one Xeon core), and a transpose feeding the product is
+    folded into it. So positions are paired into 32-bit words and the words transposed.
+    """
+    groups, positions, c = dy.shape
+    pairs = dy.reshape(groups, positions // 2, 2, c).transpose(0, 1, 3, 2)
+    words = lax.bitcast_convert_type(pairs, jnp.uint32).transpose(0, 2, 1)
+    return lax.bitcast_convert_type(words, dy.dtype).reshape(groups, c, positions)

@@ -40,7 +40,7 @@ SHARDING: dict[str, dict] = {}  # per kind: what the compiled step does across d
 AUGMENTATION = Augmentation(crop_pad=2, flip=True, mean=(0.5,) * 3, std=(0.25,) * 3)
 # One image per step of the kernel gradient's loop (kd_jax.conv), so that the loop runs over
 # the sharded batch here too: these images are far smaller than a real chunk.
-kd_conv.CHUNK_BYTES = 1
+kd_conv.CHUNK_VALUES = 1
 
 
 def global_array(x: np.ndarray, mesh: Mesh) -> jax.Array:
