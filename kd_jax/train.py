@@ -45,7 +45,9 @@ class TrainState(train_state.TrainState):
 
 
 def compute_dtype(name: str) -> jnp.dtype:
-    """``auto`` is bfloat16 on accelerators and float32 on CPU, where bf16 convs are slow."""
+    """``auto`` is bfloat16 on accelerators and float32 on CPU: a CPU run keeps full precision
+    unless asked (``--dtype bfloat16`` trains faster on CPUs with bf16 matrix units, see
+    benchmarks/README.md)."""
     if name == "auto":
         name = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     return jnp.dtype(name)
