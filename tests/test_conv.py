@@ -89,6 +89,7 @@ def test_bfloat16_matches_float32_products(monkeypatch, chunk_values, batch, siz
     """bf16 value, input and kernel gradients (matrix products with float32 sums) against XLA's
     float32 convolution of the same bf16 numbers: equal to bf16 rounding."""
     monkeypatch.setattr(kd_conv, "CHUNK_VALUES", chunk_values)
+    monkeypatch.setattr(kd_conv, "MATMUL_MIN_CHANNELS", 1)  # these few channels too
     x = jax.random.normal(jax.random.key(0), (batch, size, size, cin), jnp.bfloat16)
     w = jax.random.normal(jax.random.key(1), (kernel, kernel, cin, cout), jnp.bfloat16)
     got = jax.jit(lambda x, w: _bf16_value_and_grads(conv_general_dilated, x, w, stride,
@@ -102,10 +103,14 @@ def test_bfloat16_matches_float32_products(monkeypatch, chunk_values, batch, siz
         np.testing.assert_allclose(f32(g), f32(e), rtol=0, atol=1e-2 * float(jnp.abs(f32(e)).max()))
 
 
-def test_bfloat16_stride_one_convolution_is_matrix_products_only():
-    """Forward, input gradient and kernel gradient of a bf16 stride-1 layer: no convolution."""
+@pytest.mark.parametrize("min_channels,products_only", [(1, True), (8, False)])
+def test_bfloat16_stride_one_convolution_is_matrix_products_only(monkeypatch, min_channels,
+                                                                  products_only):
+    """Forward, input gradient and kernel gradient of a bf16 stride-1 layer: no convolution,
+    unless it has fewer input channels than ``MATMUL_MIN_CHANNELS``."""
+    monkeypatch.setattr(kd_conv, "MATMUL_MIN_CHANNELS", min_channels)
     x = jnp.ones((4, 8, 8, 4), jnp.bfloat16)
     w = jnp.ones((3, 3, 4, 6), jnp.bfloat16)
     step = jax.jit(lambda x, w: _bf16_value_and_grads(conv_general_dilated, x, w, 1, "SAME"))
     hlo = step.lower(x, w).as_text()
-    assert "dot_general" in hlo and "convolution" not in hlo
+    assert "dot_general" in hlo and ("convolution" not in hlo) == products_only
