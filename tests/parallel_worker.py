@@ -17,6 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
@@ -38,9 +39,11 @@ from kd_jax.train import (  # noqa: E402
 BATCH, STEPS, SHAPE = 8, 3, (8, 8, 3)
 SHARDING: dict[str, dict] = {}  # per kind: what the compiled step does across devices
 AUGMENTATION = Augmentation(crop_pad=2, flip=True, mean=(0.5,) * 3, std=(0.25,) * 3)
-# One image per step of the kernel gradient's loop (kd_jax.conv), so that the loop runs over
-# the sharded batch here too: these images are far smaller than a real chunk.
+# One image per step of kd_jax.conv's loops, so that they run over the sharded batch here too
+# (these images are far smaller than a real chunk), and bf16 matrix-product convolutions for
+# these few channels.
 kd_conv.CHUNK_VALUES = 1
+kd_conv.MATMUL_MIN_CHANNELS = 1
 
 
 def global_array(x: np.ndarray, mesh: Mesh) -> jax.Array:
@@ -104,6 +107,25 @@ def collective_in_loop(hlo: str) -> bool:
     return any(holds(body, set()) for body in re.findall(r"body=%?([\w.\-]+)", hlo))
 
 
+def bf16_conv(mesh: Mesh) -> list[float]:
+    """A bf16 convolution's value and gradients (kd_jax.conv's matrix products) with the batch
+    sharded over the mesh, gathered."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(BATCH, *SHAPE[:2], 4)).astype(jnp.bfloat16)
+    w = rng.normal(size=(3, 3, 4, 6)).astype(jnp.bfloat16)
+    dims = ("NHWC", "HWIO", "NHWC")
+
+    def value_and_grads(x, w):
+        y, vjp = jax.vjp(lambda x, w: kd_conv.conv_general_dilated(
+            x, w, (1, 1), "SAME", dimension_numbers=dims), x, w)
+        return (y, *vjp(jnp.cos(y)))
+
+    sharded = jax.make_array_from_callback(x.shape, NamedSharding(mesh, P("data")),
+                                           lambda index: x[index])
+    outs = jax.jit(value_and_grads, out_shardings=NamedSharding(mesh, P()))(sharded, w)
+    return flat(outs)
+
+
 def flat(tree) -> list[float]:
     return np.concatenate([np.asarray(x, np.float32).ravel() for x in jax.tree.leaves(tree)]
                           ).tolist()
@@ -128,6 +150,7 @@ def main() -> None:
             images = np.random.default_rng(1).integers(0, 256, (12, *SHAPE), np.uint8)
             predict = make_predict(create_model("resnet8", 10, 4), AUGMENTATION, BATCH, mesh)
             out["logits"] = np.asarray(predict(variables, global_array(images, mesh))).tolist()
+    out["bf16_conv"] = bf16_conv(mesh)
     out["sharding"] = SHARDING
     try:
         make_predict(create_model("resnet8", 10, 4), AUGMENTATION, 6, mesh)
