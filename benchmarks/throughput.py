@@ -16,11 +16,13 @@ PyTorch side runs no augmentation and no gather: the comparison favours PyTorch 
     python benchmarks/throughput.py --compare-torch                      # CPU defaults
     python benchmarks/throughput.py --batch-size 512 --steps-per-dispatch 1,10 --compare-torch
     python benchmarks/throughput.py --model resnet8 --width 4 --batch-size 32  # dispatch cost
+    python benchmarks/throughput.py --dtype float32,bfloat16 --what teacher  # both, one run
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -150,11 +152,10 @@ def _dispatch_seconds(args: tuple, repeats: int = 200) -> float:
     return statistics.median(times)
 
 
-def jax_train_case(kind: str, a: argparse.Namespace, spd: int) -> Case:
+def jax_train_case(kind: str, a: argparse.Namespace, spd: int, dtype: np.dtype) -> Case:
     """A teacher or distill dispatch of ``spd`` steps through ``run_steps``, compiled."""
     mesh = make_mesh()
     check_divisible(a.batch_size, mesh)
-    dtype = compute_dtype(a.dtype)
     rng = np.random.default_rng(0)
     n = a.batch_size * spd
     replicated = NamedSharding(mesh, P())
@@ -196,10 +197,10 @@ def jax_train_case(kind: str, a: argparse.Namespace, spd: int) -> Case:
                 None if flops is None else flops / a.batch_size, dispatch)
 
 
-def jax_eval_case(a: argparse.Namespace, spd: int) -> Case:
+def jax_eval_case(a: argparse.Namespace, spd: int, dtype: np.dtype) -> Case:
     """``make_predict`` over ``spd`` batches per dispatch."""
     mesh = make_mesh()
-    model = create_model(a.model, NUM_CLASSES, a.width, compute_dtype(a.dtype))
+    model = create_model(a.model, NUM_CLASSES, a.width, dtype)
     augmentation = Augmentation(4, True, CIFAR10_MEAN, CIFAR10_STD)
     predict = make_predict(model, augmentation, a.batch_size, mesh)
     replicated = NamedSharding(mesh, P())
@@ -375,7 +376,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--student", default=None, help="distill student (default: --model)")
     p.add_argument("--student-width", type=int, default=None, help="default: --width")
     p.add_argument("--batch-size", type=int, default=128, help="global batch")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
+    p.add_argument("--dtype", default="auto",
+                   help="comma list of auto, float32, bfloat16: each timed in the same run")
     p.add_argument("--what", default=",".join(KINDS), help="comma list of teacher,distill,eval")
     p.add_argument("--steps-per-dispatch", default="1",
                    help="comma list of JAX steps per dispatch to compare, e.g. 1,10")
@@ -387,7 +389,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compare-torch", action="store_true")
     p.add_argument("--torch-variants", default=None,
                    help="comma list of eager | channels_last | bf16 | compile joined by '+' "
-                        "(default: eager, or bf16 when the JAX dtype is bfloat16)")
+                        "(default: eager and/or bf16, as the JAX dtypes)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     a = p.parse_args(argv)
     a.student = a.student or a.model
@@ -399,8 +401,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.convs = a.conv.split(",")
     if set(a.convs) - set(CONVS):
         p.error(f"--conv takes {', '.join(CONVS)}")
+    if set(a.dtype.split(",")) - {"auto", "float32", "bfloat16"}:
+        p.error("--dtype takes auto, float32, bfloat16")
+    a.dtypes = list(dict.fromkeys(compute_dtype(d) for d in a.dtype.split(",")))
     if a.torch_variants is None:
-        a.torch_variants = "bf16" if compute_dtype(a.dtype) == np.dtype("bfloat16") else "eager"
+        a.torch_variants = ",".join("bf16" if d == np.dtype("bfloat16") else "eager"
+                                    for d in a.dtypes)
     return a
 
 
@@ -410,13 +416,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"jax {env['jax']} on {env['devices']} x {env['device_kind']} ({env['backend']}), "
           f"{env['cpu_count']} CPUs; XLA_FLAGS={env['xla_flags']!r}", flush=True)
     print(f"{a.model} width {a.width}, student {a.student} width {a.student_width}, "
-          f"batch {a.batch_size}, dtype {compute_dtype(a.dtype).name}", flush=True)
+          f"batch {a.batch_size}, dtype {', '.join(d.name for d in a.dtypes)}", flush=True)
     cases = []
-    for conv in a.convs:
+    for conv, dtype in itertools.product(a.convs, a.dtypes):
         kd_conv.conv_general_dilated = CONVS[conv]  # read when the model is traced
         for kind in a.kinds:
             for spd in a.spds:
-                case = jax_eval_case(a, spd) if kind == "eval" else jax_train_case(kind, a, spd)
+                case = (jax_eval_case(a, spd, dtype) if kind == "eval"
+                        else jax_train_case(kind, a, spd, dtype))
+                case.variant += "" if len(a.dtypes) == 1 else f" {dtype.name}"
                 case.variant += "" if conv == "kd" else f" conv={conv}"
                 cases.append(case)
                 print(f"compiled {case.name} in {case.compile_seconds:.1f} s", flush=True)
