@@ -132,28 +132,25 @@ def matmul_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
     For bfloat16 on CPU: XLA:CPU multiplies bf16 matrices ~4.5x faster than float32 ones
     (4096 x 576 x 64, one Xeon core: 0.44 vs 1.97 ms) but runs bf16 convolutions no faster than
     float32 ones. The chunks are split per device as in :func:`kernel_grad`; each loop step
-    writes its images' outputs in place, as 32-bit words: XLA:CPU updates a slice of a bf16
-    array by converting the whole array to float32 and back, which made every step cost as
-    much as the whole batch (500 images of 32 x 32 x 64: 1,245 ms against 463 for XLA's
-    convolution).
+    reads its images and writes their outputs in place as 32-bit words (see :func:`_packed`).
     """
     n, h, w, _ = x.shape
     kh, kw, cin, cout = kernel.shape
     ho = (h + sum(padding[0]) - kh) // strides[0] + 1
     wo = (w + sum(padding[1]) - kw) // strides[1] + 1
-    (xs,) = _chunks(x)
+    _, xs = _chunks(x, _packed(x))
     weights = kernel.reshape(kh * kw * cin, cout)
 
     def chunk_out(k, ys):
-        cols = _im2col(lax.dynamic_index_in_dim(xs, k, axis=1, keepdims=False), (kh, kw),
-                       strides, padding)
+        chunk = _unpacked(lax.dynamic_index_in_dim(xs, k, axis=1, keepdims=False), x.dtype)
+        cols = _im2col(chunk, (kh, kw), strides, padding)
         y = lax.dot_general(cols, weights, (((cols.ndim - 1,), (0,)), ((), ())),
                             preferred_element_type=jnp.float32)
-        return lax.dynamic_update_index_in_dim(ys, _words(y.astype(x.dtype)), k, axis=1)
+        return lax.dynamic_update_index_in_dim(ys, _packed(y.astype(x.dtype)), k, axis=1)
 
     ys = jnp.zeros((*xs.shape[:3], ho, wo, cout // 2), jnp.uint32)
     ys = lax.fori_loop(0, xs.shape[1], chunk_out, ys)
-    return _from_words(ys, x.dtype).reshape(n, ho, wo, cout)
+    return _unpacked(ys, x.dtype).reshape(n, ho, wo, cout)
 
 
 def kernel_grad(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int],
@@ -171,7 +168,8 @@ def kernel_grad(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int],
     cout) 195 ms.
     """
     kh, kw, cin, cout = kernel_shape
-    xs, dys = _chunks(x, dy, min_steps=2 if dy.dtype == jnp.bfloat16 else 1)
+    _, xs, dys = _chunks(x, _packed(x), _packed(dy),
+                         min_steps=2 if dy.dtype == jnp.bfloat16 else 1)
     # bf16 takes the fast product only inside a real loop: with one step XLA drops the loop,
     # folds the final transpose into the product and then fails to run it (jax 0.10.2, CPU).
     pairs = dy.dtype == jnp.bfloat16 and xs.shape[1] > 1 and math.prod(dys.shape[2:-1]) % 2 == 0
@@ -179,8 +177,9 @@ def kernel_grad(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int],
                          padding=padding, transpose_pairs=pairs)
 
     def add_chunk(k, total):
-        chunk = lambda a: lax.dynamic_index_in_dim(a, k, axis=1, keepdims=False)
-        return total + chunk_grad(chunk(xs), chunk(dys))
+        chunk = lambda a, dtype: _unpacked(lax.dynamic_index_in_dim(a, k, axis=1,
+                                                                    keepdims=False), dtype)
+        return total + chunk_grad(chunk(xs, x.dtype), chunk(dys, dy.dtype))
 
     per_group = lax.fori_loop(0, xs.shape[1], add_chunk,
                               jnp.zeros((xs.shape[0], cout, kh * kw * cin), jnp.float32))
@@ -190,7 +189,8 @@ def kernel_grad(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int],
 def _chunks(x: jax.Array, *more: jax.Array, min_steps: int = 1) -> list[jax.Array]:
     """Each array as [groups, loop steps, images per step, ...], cut so that a step of ``x``
     holds at most :data:`CHUNK_VALUES`, in at least ``min_steps`` steps where there are
-    enough images.
+    enough images. The cut follows ``x`` alone, so ``more`` may hold packed copies of it
+    (:func:`_packed`) and arrays of other shapes with the same batch.
 
     Under data parallelism (the batch sharded over all devices, see
     ``kd_jax.train.make_mesh``) there is one group per device, so that every device loops over
@@ -233,6 +233,24 @@ def _im2col(x: jax.Array, kernel_hw: Sequence[int], strides: Sequence[int],
                    (*batch, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c),
                    (1,) * lead + (sh, sw, 1))
          for i in range(kh) for j in range(kw)], axis=-1)
+
+
+def _packed(x: jax.Array) -> jax.Array:
+    """``x`` as a loop slices and updates it best: bfloat16 with an even number of channels
+    as 32-bit words (:func:`_words`), anything else as it is.
+
+    XLA:CPU slices and updates slices of a bf16 array by converting the whole array to
+    float32 and back: writing each step's output into a bf16 layer output made every step
+    cost as much as the whole batch (500 images of 32 x 32 x 64, one Xeon core: 1,245 ms,
+    against 463 for XLA's convolution; 333 ms with words), and reading words cut another
+    15% there (278 ms).
+    """
+    return _words(x) if x.dtype == jnp.bfloat16 and x.shape[-1] % 2 == 0 else x
+
+
+def _unpacked(x: jax.Array, dtype: Any) -> jax.Array:
+    """The inverse of :func:`_packed` for an array that was ``dtype``."""
+    return _from_words(x, dtype) if x.dtype != dtype else x
 
 
 def _words(x: jax.Array) -> jax.Array:
