@@ -18,6 +18,8 @@ import argparse
 import os
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from kd_jax.errors import KdError
 
@@ -67,3 +69,12 @@ def initialize(coordinator_address: str | None, num_processes: int | None,
 def is_writer() -> bool:
     """Whether this process prints and writes the run's files (process 0)."""
     return jax.process_index() == 0
+
+
+def writer_succeeded(ok: bool) -> bool:
+    """Process 0's ``ok``, on every process (the others' ``ok`` is ignored).
+
+    A collective: every process must call it, so a step only process 0 takes (preparing the
+    workdir) ends in this call whether it succeeded or not, and the others learn which.
+    """
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -54,14 +53,26 @@ class _ReaderRunDir(RunDir):
 
 
 def _run_dir(config: RunConfig, name: str) -> RunDir:
-    """Process 0 prepares the workdir, the others wait for it (multi-host: a shared folder)."""
+    """Process 0 prepares the workdir, the others wait for it (multi-host: a shared folder).
+
+    Process 0 tells the others whether it could: had it simply exited (the workdir already
+    holds another run, say), they would wait for it at the next collective forever.
+    """
     if jax.process_count() == 1:
         return RunDir.prepare(config, name)
     if not config.workdir:
         raise KdError("a multi-process run needs --workdir, a folder every process can reach")
-    run = RunDir.prepare(config, name) if distributed.is_writer() else \
-        _ReaderRunDir(Path(config.workdir))
-    multihost_utils.sync_global_devices("kd_jax workdir ready")
+    if not distributed.is_writer():
+        if not distributed.writer_succeeded(True):
+            raise KdError(f"process 0 could not prepare the workdir {config.workdir}; "
+                          "its output says why")
+        return _ReaderRunDir(Path(config.workdir))
+    try:
+        run = RunDir.prepare(config, name)
+    except KdError:
+        distributed.writer_succeeded(False)
+        raise
+    distributed.writer_succeeded(True)
     return run
 
 

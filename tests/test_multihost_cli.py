@@ -26,8 +26,10 @@ def fake_cifar(folder: Path, per_file: int = 64) -> Path:
     return folder
 
 
-def run_two_processes(args: list[str], logs: Path) -> list[subprocess.CompletedProcess]:
-    """Both processes, their output in files (an undrained pipe could stall one of them)."""
+def run_two_processes(args: list[str], logs: Path,
+                      timeout: float = 600) -> list[subprocess.CompletedProcess]:
+    """Both processes, their output in files (an undrained pipe could stall one of them);
+    both are killed if either is still running after ``timeout`` seconds."""
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
@@ -41,7 +43,11 @@ def run_two_processes(args: list[str], logs: Path) -> list[subprocess.CompletedP
                 [sys.executable, str(ROOT / "train_teacher.py"), *args, "--coordinator-address",
                  f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
                 cwd=ROOT, env=env, stdout=o, stderr=e))
-    codes = [p.wait(timeout=600) for p in procs]
+    try:
+        codes = [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
     return [subprocess.CompletedProcess(p.args, code, out.read_text(), err.read_text())
             for p, code, (out, err) in zip(procs, codes, files, strict=True)]
 
@@ -69,3 +75,10 @@ def test_two_process_teacher_run_writes_once_and_resumes(tmp_path):
     assert resumed["step"] == 20
     assert resumed["test_loss"] == pytest.approx(summary["test_loss"], rel=1e-5)
     assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 2
+
+    # The same command again without --resume: process 0 refuses the workdir, and process 1,
+    # which used to wait for it forever, stops too.
+    again = run_two_processes(args, tmp_path / "again", timeout=120)
+    assert [r.returncode for r in again] == [2, 2]
+    assert "already holds a run; pass --resume" in again[0].stderr
+    assert f"process 0 could not prepare the workdir {workdir}" in again[1].stderr
