@@ -131,15 +131,23 @@ def _apply_train(state: TrainState, params: Any, images: jax.Array, rng: jax.Arr
     return logits, updates["batch_stats"]
 
 
+def _descend(state: TrainState, images: jax.Array, rng: jax.Array,
+             loss_of: Callable[[jax.Array], jax.Array]) -> tuple[TrainState, jax.Array, jax.Array]:
+    """One gradient step on ``loss_of(logits)``: the new state (BatchNorm statistics
+    included), the loss and the logits, which both steps reuse for their metrics."""
+    def objective(params):
+        logits, batch_stats = _apply_train(state, params, images, rng)
+        return loss_of(logits), (logits, batch_stats)
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    return state.apply_gradients(grads=grads, batch_stats=batch_stats), loss, logits
+
+
 def teacher_step(state: TrainState, images: jax.Array, labels: jax.Array, rng: jax.Array,
                  label_smoothing: float = 0.0) -> tuple[TrainState, Metrics]:
     """One cross-entropy step on labelled images."""
-    def objective(params):
-        logits, batch_stats = _apply_train(state, params, images, rng)
-        return cross_entropy(logits, labels, label_smoothing), (logits, batch_stats)
-
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    state, loss, logits = _descend(state, images, rng,
+                                   lambda logits: cross_entropy(logits, labels, label_smoothing))
     accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
     return state, {"train_loss": loss, "train_accuracy": accuracy}
 
@@ -148,14 +156,9 @@ def _soft_step(teacher_apply: Callable, temperature: float, alpha: float, teache
                state: TrainState, images: jax.Array, labels: jax.Array | None,
                rng: jax.Array) -> tuple[TrainState, Metrics]:
     teacher_logits = jax.lax.stop_gradient(teacher_apply(teacher_variables, images, train=False))
-
-    def objective(params):
-        logits, batch_stats = _apply_train(state, params, images, rng)
-        loss = distillation_loss(logits, teacher_logits, temperature, alpha, labels)
-        return loss, (logits, batch_stats)
-
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    state, loss, logits = _descend(
+        state, images, rng,
+        lambda logits: distillation_loss(logits, teacher_logits, temperature, alpha, labels))
     agreement = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(teacher_logits, -1))
     return state, {"distill_loss": loss, "train_agreement": agreement}
 
