@@ -69,7 +69,7 @@ def _run_dir(config: RunConfig, name: str) -> RunDir:
         return _ReaderRunDir(Path(config.workdir))
     try:
         run = RunDir.prepare(config, name)
-    except KdError:
+    except Exception:  # any failure, KdError or not: the others must not wait for it
         distributed.writer_succeeded(False)
         raise
     distributed.writer_succeeded(True)
