@@ -51,6 +51,7 @@ from kd_jax import conv as kd_conv  # noqa: E402
 from kd_jax.data import CIFAR10_MEAN, CIFAR10_STD, Augmentation  # noqa: E402
 from kd_jax.models import create_model, init_variables  # noqa: E402
 from kd_jax.train import (  # noqa: E402
+    OptimizerSpec,
     check_divisible,
     compute_dtype,
     create_state,
@@ -161,7 +162,7 @@ def jax_train_case(kind: str, a: argparse.Namespace, spd: int, dtype: np.dtype) 
     replicated = NamedSharding(mesh, P())
     images = jax.device_put(rng.integers(0, 256, (n, *IMAGE_SHAPE), np.uint8), replicated)
     labels = jax.device_put(rng.integers(0, NUM_CLASSES, n).astype(np.int32), replicated)
-    tx, _ = make_optimizer(0.1, 5e-4, 0.9, 0, 10**6)
+    tx, _ = make_optimizer(OptimizerSpec(0.1, weight_decay=5e-4, warmup_fraction=0), 10**6)
     if kind == "teacher":
         model = create_model(a.model, NUM_CLASSES, a.width, dtype)
         step, arrays = make_teacher_step(), (images, labels)

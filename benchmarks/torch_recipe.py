@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import torch_resnet  # noqa: E402
 from kd_jax.config import TeacherConfig  # noqa: E402
 from kd_jax.data import load_dataset  # noqa: E402
-from kd_jax.train import make_optimizer  # noqa: E402
+from kd_jax.train import OptimizerSpec, make_optimizer  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=kd.epochs)
     p.add_argument("--batch-size", type=int, default=kd.batch_size)
     p.add_argument("--learning-rate", type=float, default=kd.learning_rate)
-    p.add_argument("--warmup-epochs", type=float, default=kd.warmup_epochs)
+    p.add_argument("--warmup-fraction", type=float, default=kd.warmup_fraction)
     p.add_argument("--weight-decay", type=float, default=kd.weight_decay)
     p.add_argument("--label-smoothing", type=float, default=kd.label_smoothing)
     p.add_argument("--seed", type=int, default=0)
@@ -93,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
                           lr=a.learning_rate, momentum=0.9, nesterov=True)
     steps = len(train_x) // a.batch_size
     # kd-jax's own schedule (warmup, then linear decay), read step by step.
-    _, schedule = make_optimizer(a.learning_rate, a.weight_decay, 0.9,
-                                 int(a.warmup_epochs * steps), steps * a.epochs)
+    _, schedule = make_optimizer(OptimizerSpec(a.learning_rate, weight_decay=a.weight_decay,
+                                               warmup_fraction=a.warmup_fraction),
+                                 steps * a.epochs)
     step = 0
     for epoch in range(1, a.epochs + 1):
         model.train()

@@ -12,10 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from kd_jax.errors import KdError
+from kd_jax.models import create_model, model_options
 from kd_jax.rundir import read_json
 
 
@@ -89,6 +92,11 @@ class FrozenModel:
     variables: dict  # {"params": ..., "batch_stats": ...}
     checkpoint: Path
 
+    def build(self, num_classes: int, dtype: Any = jnp.float32) -> nn.Module:
+        """The registered model this run trained, with the options its config names."""
+        name, width = self.model_spec
+        return create_model(name, num_classes, width, dtype, **model_options(self.config))
+
     @property
     def model_spec(self) -> tuple[str, int | None]:
         """(registered model name, width), whether the run trained a teacher or a student."""
@@ -134,9 +142,12 @@ def load_frozen(workdir: str | Path) -> FrozenModel:
                 default=ocp.args.StandardRestore(target)))["default"]
     except Exception as e:  # orbax raises many kinds of errors for damaged files
         raise KdError(f"{path}: corrupt or unreadable checkpoint ({type(e).__name__})") from None
+    # A run that kept a weight average evaluated it: that is the trained model.
+    averaged = bool(restored.get("ema_params"))
+    prefix = "ema_" if averaged else ""
     # Models without BatchNorm (MLPs) have no batch_stats collection: leave it out rather
     # than add an empty one, so the tree matches the model's own variables.
-    variables = {"params": restored["params"]}
-    if restored.get("batch_stats"):
-        variables["batch_stats"] = restored["batch_stats"]
+    variables = {"params": restored[f"{prefix}params"]}
+    if restored.get(f"{prefix}batch_stats"):
+        variables["batch_stats"] = restored[f"{prefix}batch_stats"]
     return FrozenModel(config, variables, path)

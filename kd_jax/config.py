@@ -13,6 +13,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from kd_jax.data import PAD_MODES, TTA_MODES
 from kd_jax.errors import KdError
 
 
@@ -29,12 +30,31 @@ class RunConfig:
     # Peak of the warmup + linear-decay schedule; 1.6 at batch 512 was picked on a validation
     # split over 0.4-2.4 on an H200 (docs/RESULTS.md): 0.4 trained ~2 points worse in 10 epochs.
     learning_rate: float = 1.6
-    warmup_epochs: float = 2.0
+    warmup_fraction: float = 0.2  # of all steps; then linear decay to final_lr_factor * peak
+    final_lr_factor: float = 0.0
     momentum: float = 0.9
     weight_decay: float = 5e-4  # applied to kernels only, not to BN scales or biases
+    # Learning-rate factors by parameter group (kd_jax.train.param_group), and the weight
+    # decay of BatchNorm scales and biases.
+    bn_lr_factor: float = 1.0
+    head_lr_factor: float = 1.0
+    bias_lr_factor: float = 1.0
+    bn_weight_decay: float = 0.0
+    ema_decay: float = 0.0  # > 0: evaluate and ship an exponential moving average of the weights
     dtype: str = "auto"  # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU
     crop_pad: int = 4  # random translation by up to this many pixels (0 = none)
+    pad_mode: str = "zeros"  # the translation's border: zeros or reflect
     flip: bool = True  # random horizontal flips
+    alternating_flip: bool = False  # airbench's flips: each image mirrored every other epoch
+    cutout: int = 0  # > 0: blank a random square of this side in each training image
+    tta: str = "none"  # final test-time augmentation: none, flip or flip_translate
+    # ResNets: BatchNorm's running-average momentum (flax convention: PyTorch's 0.1 is 0.9)
+    # and epsilon; bn_scale false fixes every BN scale at 1; whiten_patch > 0 puts a frozen
+    # PCA-whitening layer of that patch size in front of the stem.
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-5
+    bn_scale: bool = True
+    whiten_patch: int = 0
     dropout: float = 0.0  # MLPs: dropout rate of hidden units (Hinton et al. 2012: 0.5)
     input_dropout: float = 0.0  # MLPs: dropout rate of input pixels (Hinton et al. 2012: 0.2)
     max_norm: float = 0.0  # > 0: cap each unit's incoming weight norm after every update
@@ -55,7 +75,19 @@ class RunConfig:
             (self.eval_batch_size >= 1,
              f"eval_batch_size must be >= 1, got {self.eval_batch_size}"),
             (self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}"),
-            (self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}"),
+            (0 <= self.warmup_fraction < 1,
+             f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}"),
+            (self.final_lr_factor >= 0,
+             f"final_lr_factor must be >= 0, got {self.final_lr_factor}"),
+            *((getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+              for name in ("bn_lr_factor", "head_lr_factor", "bias_lr_factor",
+                           "bn_weight_decay", "cutout", "whiten_patch")),
+            (0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}"),
+            (self.pad_mode in PAD_MODES,
+             f"pad_mode must be {' or '.join(PAD_MODES)}, got {self.pad_mode!r}"),
+            (self.tta in TTA_MODES, f"tta must be one of {', '.join(TTA_MODES)}, got {self.tta!r}"),
+            (0 <= self.bn_momentum < 1, f"bn_momentum must be in [0, 1), got {self.bn_momentum}"),
+            (self.bn_epsilon > 0, f"bn_epsilon must be > 0, got {self.bn_epsilon}"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
             (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
             (self.crop_pad >= 0, f"crop_pad must be >= 0, got {self.crop_pad}"),

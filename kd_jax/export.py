@@ -44,7 +44,6 @@ from kd_jax.checkpoint import FrozenModel, load_frozen
 from kd_jax.cli import run_guarded
 from kd_jax.data import DATA_DIR_ENV, Augmentation, Dataset, load_dataset, normalize
 from kd_jax.errors import KdError
-from kd_jax.models import create_model
 from kd_jax.onnx_model import METADATA_PREFIX
 from kd_jax.train import make_mesh, make_predict
 
@@ -111,10 +110,10 @@ def load_inference_model(workdir: str | Path, data_dir: str | None = None) -> In
     The data is found at ``data_dir``, else ``$KD_JAX_DATA_DIR``, else where the run read it.
     """
     frozen = load_frozen(workdir)
-    name, width = frozen.model_spec
+    name, _ = frozen.model_spec
     data_dir = data_dir or os.environ.get(DATA_DIR_ENV) or frozen.config.get("data_dir")
     dataset = load_dataset(frozen.config.get("dataset", "cifar10"), data_dir)
-    module = create_model(name, dataset.num_classes, width)
+    module = frozen.build(dataset.num_classes)
     variables, mean, std = frozen.variables, dataset.mean, dataset.std
 
     def apply(images: jax.Array) -> jax.Array:

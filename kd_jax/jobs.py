@@ -21,10 +21,18 @@ from kd_jax.checkpoint import load_frozen
 from kd_jax.config import DistillConfig, RunConfig, TeacherConfig
 from kd_jax.data import Augmentation, Dataset, load_dataset
 from kd_jax.errors import KdError
-from kd_jax.models import count_params, create_model, init_variables, model_width
+from kd_jax.models import (
+    count_params,
+    create_model,
+    init_variables,
+    model_options,
+    model_width,
+    with_whitening,
+)
 from kd_jax.plots import plot_history
 from kd_jax.rundir import RunDir, format_table, latest_run
 from kd_jax.train import (
+    OptimizerSpec,
     TrainState,
     check_batch_size,
     compute_dtype,
@@ -37,9 +45,8 @@ from kd_jax.train import (
     make_teacher_step,
 )
 
-
-def inference_variables(state: TrainState) -> dict:
-    return {"params": state.params, "batch_stats": state.batch_stats}
+# Images whose patches set a whitening layer (airbench uses 5,000).
+WHITENING_IMAGES = 5000
 
 
 class _ReaderRunDir(RunDir):
@@ -91,9 +98,10 @@ class _Job:
         self.mesh: Mesh = make_mesh()
         self.dtype = compute_dtype(config.dtype)
         self.model = create_model(model, self.dataset.num_classes, width, self.dtype,
-                                  config.dropout, config.input_dropout)
+                                  **model_options(dataclasses.asdict(config)))
         self.augmentation = Augmentation(config.crop_pad, config.flip, self.dataset.mean,
-                                         self.dataset.std)
+                                         self.dataset.std, config.pad_mode,
+                                         config.alternating_flip, config.cutout)
         self.predict = make_predict(self.model, self.augmentation, config.eval_batch_size,
                                     self.mesh)
         self.test_images = self.to_device(self.dataset.test_images)
@@ -101,17 +109,38 @@ class _Job:
     def to_device(self, array: np.ndarray) -> jax.Array:
         return jax.device_put(array, NamedSharding(self.mesh, P()))
 
-    def initial_state(self, num_train: int) -> TrainState:
+    def initial_state(self, train_images: np.ndarray) -> TrainState:
+        """The model initialised from the seed (its whitening layer from ``train_images``),
+        with the optimizer the config describes."""
         c = self.config
-        steps_per_epoch = max(num_train // c.batch_size, 1)
-        tx, self.schedule = make_optimizer(c.learning_rate, c.weight_decay, c.momentum,
-                                           round(c.warmup_epochs * steps_per_epoch),
-                                           c.epochs * steps_per_epoch, c.max_norm)
+        steps_per_epoch = max(len(train_images) // c.batch_size, 1)
+        spec = OptimizerSpec(**{f.name: getattr(c, f.name)
+                                for f in dataclasses.fields(OptimizerSpec)})
+        tx, self.schedule = make_optimizer(spec, c.epochs * steps_per_epoch)
         variables = init_variables(self.model, self.dataset.image_shape, c.seed)
-        return create_state(self.model, variables, tx)
+        if c.whiten_patch:
+            sample = self.augmentation.normalize(train_images[:WHITENING_IMAGES])
+            variables = with_whitening(variables, np.asarray(sample), c.whiten_patch)
+        return create_state(self.model, variables, tx, c.ema_decay)
 
     def test_logits(self, state: TrainState) -> np.ndarray:
-        return np.asarray(self.predict(inference_variables(state), self.test_images))
+        return np.asarray(self.predict(state.inference_variables(), self.test_images))
+
+    def tta_scores(self, state: TrainState) -> dict:
+        """Test (and validation) figures with test-time augmentation; {} without it. Reported
+        beside the plain ones, which stay the headline figures."""
+        if self.config.tta == "none":
+            return {}
+        predict = make_predict(self.model, self.augmentation, self.config.eval_batch_size,
+                               self.mesh, self.config.tta)
+        variables = state.inference_variables()
+        scores = metrics.classification_metrics(
+            np.asarray(predict(variables, self.test_images)), self.dataset.test_labels,
+            prefix="test")
+        if self.config.validation:
+            scores |= metrics.classification_metrics(
+                np.asarray(predict(variables, self.val_images)), self.val_labels, prefix="val")
+        return {f"{k}_tta": v for k, v in scores.items()}
 
     @property
     def num_train(self) -> int:
@@ -133,7 +162,7 @@ class _Job:
         """``val_loss`` and ``val_accuracy`` on the held-out images; {} when none are held out."""
         if not self.config.validation:
             return {}
-        logits = np.asarray(self.predict(inference_variables(state), self.val_images))
+        logits = np.asarray(self.predict(state.inference_variables(), self.val_images))
         return metrics.classification_metrics(logits, self.val_labels, prefix="val")
 
     def open_run(self, num_train: int) -> None:
@@ -177,11 +206,12 @@ def train_teacher(config: TeacherConfig) -> dict:
                 | job.validation_scores(state))
 
     job.open_run(num_train)
-    state = job.initial_state(num_train)
+    state = job.initial_state(images[:num_train])
     state, history, timing = job.fit(make_teacher_step(config.label_smoothing), state,
                                      (images[:num_train], train_labels[:num_train]), evaluate)
     logits = job.test_logits(state)
-    summary = {"job": "teacher", **job.describe(config.model, state), **history[-1], **timing,
+    summary = {"job": "teacher", **job.describe(config.model, state), **history[-1],
+               **job.tta_scores(state), **timing,
                "per_class_accuracy": metrics.per_class_accuracy(logits, labels,
                                                                 job.dataset.class_names)}
     return job.finish(summary, history, ["train_loss", "train_accuracy", "test_loss",
@@ -239,7 +269,7 @@ def restore_teacher(workdir, job: _Job):
     if expected_width is not None and width != expected_width:
         raise KdError(f"{workdir}: the teacher has width {width}, "
                       f"--teacher-width says {expected_width}")
-    model = create_model(name, job.dataset.num_classes, width, job.dtype)
+    model = frozen.build(job.dataset.num_classes, job.dtype)
     expected = jax.eval_shape(lambda: init_variables(model, job.dataset.image_shape, 0))
     shapes = lambda tree: jax.tree.map(lambda a: tuple(a.shape), tree)
     if shapes(expected) != shapes(frozen.variables):
@@ -284,20 +314,21 @@ def distill(config: DistillConfig) -> dict:
     step = make_distill_step(teacher_model.apply, teacher_variables, config.temperature,
                              config.alpha)
     job.open_run(len(transfer))
-    state = job.initial_state(len(transfer))
+    state = job.initial_state(images)
     state, history, timing = job.fit(step, state, train_arrays, evaluate)
 
     logits = job.test_logits(state)
     summary = {"job": "distill", **job.describe(config.student, state),
                "transfer_images": len(transfer),
                "teacher_dir": str(teacher_dir), "teacher_model": teacher_name,
-               "temperature": config.temperature, "alpha": config.alpha, **history[-1], **timing,
+               "temperature": config.temperature, "alpha": config.alpha, **history[-1],
+               **job.tta_scores(state), **timing,
                "per_class_accuracy": metrics.per_class_accuracy(logits, labels,
                                                                 dataset.class_names),
                "teacher_per_class_accuracy": metrics.per_class_accuracy(
                    teacher_logits, labels, dataset.class_names)}
     if omit:
-        held_logits = np.asarray(job.predict(inference_variables(state),
+        held_logits = np.asarray(job.predict(state.inference_variables(),
                                              job.to_device(dataset.train_images[held_out])))
         summary["omitted_class"] = omitted_class_report(
             logits, labels, held_logits, dataset.train_labels[held_out], omit,

@@ -11,13 +11,14 @@ teacher 784-1200-1200-10, at width 800 the student 784-800-800-10.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kd_jax import conv as kd_conv
 from kd_jax.errors import KdError
@@ -49,21 +50,34 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """ResNet with a CIFAR stem (3x3 conv, stride 1, no max-pool)."""
+    """ResNet with a CIFAR stem (3x3 conv, stride 1, no max-pool).
+
+    ``bn_momentum`` and ``bn_epsilon`` follow flax's convention (running average kept with
+    weight ``momentum``: PyTorch's 0.1 is 0.9 here). ``bn_scale=False`` fixes every BN scale
+    at 1 (airbench and Page's ResNet-9 freeze them); the zero-initialised last scale of each
+    block then goes too. ``whiten_patch > 0`` puts a :class:`Whitening` layer in front of
+    the stem (its kernel is set from the data by :func:`whitening_kernel` and never trained).
+    """
 
     stage_sizes: Sequence[int]
     num_classes: int = 10
     width: int = 64
     dtype: Any = jnp.float32
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-5
+    bn_scale: bool = True
+    whiten_patch: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         conv = partial(nn.Conv, use_bias=False, dtype=self.dtype, padding="SAME",
                        kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
                        conv_general_dilated=kd_conv.conv_general_dilated)
-        norm = partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                       epsilon=1e-5, dtype=self.dtype)
+        norm = partial(nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
+                       epsilon=self.bn_epsilon, dtype=self.dtype, use_scale=self.bn_scale)
         x = x.astype(self.dtype)
+        if self.whiten_patch:
+            x = nn.relu(Whitening(self.whiten_patch, dtype=self.dtype, name="Whitening")(x))
         x = nn.relu(norm()(conv(self.width, (3, 3))(x)))
         for stage, num_blocks in enumerate(self.stage_sizes):
             for block in range(num_blocks):
@@ -72,6 +86,53 @@ class ResNet(nn.Module):
         x = jnp.mean(x, axis=(1, 2))
         x = nn.Dense(self.num_classes, dtype=self.dtype)(x)
         return x.astype(jnp.float32)
+
+
+class Whitening(nn.Module):
+    """A fixed ``patch x patch`` convolution that whitens the input's patches (airbench; Page's
+    ResNet-9): each output channel is one principal direction of the training images'
+    patches, scaled by 1 / sqrt(its variance), once with each sign (so a ReLU after it keeps
+    both halves). Its kernel comes from :func:`whitening_kernel`; the optimizer never moves it
+    (see ``kd_jax.train.param_group``)."""
+
+    patch: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        channels = x.shape[-1]
+        return nn.Conv(2 * channels * self.patch**2, (self.patch, self.patch), use_bias=False,
+                       padding="SAME", dtype=self.dtype)(x)
+
+
+def whitening_kernel(images: np.ndarray, patch: int, epsilon: float = 5e-4,
+                     chunk: int = 500) -> np.ndarray:
+    """The :class:`Whitening` kernel (HWIO) from normalised float images [N, H, W, C].
+
+    The eigenvectors of the patches' (uncentred) covariance, scaled by 1 / sqrt(eigenvalue +
+    ``epsilon``), largest variance first, then the same with the opposite sign.
+    """
+    channels = images.shape[-1]
+    dims = patch * patch * channels
+    covariance, count = np.zeros((dims, dims)), 0
+    for start in range(0, len(images), chunk):
+        windows = np.lib.stride_tricks.sliding_window_view(
+            images[start:start + chunk], (patch, patch), axis=(1, 2))  # N, H', W', C, p, p
+        flat = windows.transpose(0, 1, 2, 4, 5, 3).reshape(-1, dims).astype(np.float64)
+        covariance += flat.T @ flat
+        count += len(flat)
+    eigenvalues, eigenvectors = np.linalg.eigh(covariance / count)
+    order = np.argsort(eigenvalues)[::-1]
+    scaled = eigenvectors[:, order] / np.sqrt(eigenvalues[order] + epsilon)
+    kernel = scaled.reshape(patch, patch, channels, dims)
+    return np.concatenate([kernel, -kernel], axis=-1).astype(np.float32)
+
+
+def with_whitening(variables: dict, images: np.ndarray, patch: int) -> dict:
+    """``variables`` with the :class:`Whitening` kernel set from normalised ``images``."""
+    kernel = whitening_kernel(images, patch)
+    params = {**variables["params"], "Whitening": {"Conv_0": {"kernel": jnp.asarray(kernel)}}}
+    return {**variables, "params": params}
 
 
 class MLP(nn.Module):
@@ -98,21 +159,26 @@ class MLP(nn.Module):
         return dense(self.num_classes)(x).astype(jnp.float32)
 
 
-def _mlp(depth: int) -> Callable[..., nn.Module]:
-    def build(num_classes: int, width: int, dtype: Any, dropout: float,
-              input_dropout: float) -> nn.Module:
-        return MLP(hidden=(width,) * depth, num_classes=num_classes, dropout=dropout,
-                   input_dropout=input_dropout, dtype=dtype)
+# The options each family takes; create_model refuses the others' when they differ from
+# the defaults, so a flag that would do nothing says so.
+MLP_OPTIONS = ("dropout", "input_dropout")
+RESNET_OPTIONS = ("bn_momentum", "bn_epsilon", "bn_scale", "whiten_patch")
 
+
+def _mlp(depth: int) -> Callable[..., nn.Module]:
+    def build(num_classes: int, width: int, dtype: Any, **options: Any) -> nn.Module:
+        return MLP(hidden=(width,) * depth, num_classes=num_classes, dtype=dtype, **options)
+
+    build.options = MLP_OPTIONS
     return build
 
 
 def _resnet(stage_sizes: Sequence[int]) -> Callable[..., nn.Module]:
-    def build(num_classes: int, width: int, dtype: Any, dropout: float,
-              input_dropout: float) -> nn.Module:
-        del dropout, input_dropout  # ResNets are regularised by augmentation and weight decay.
-        return ResNet(stage_sizes=stage_sizes, num_classes=num_classes, width=width, dtype=dtype)
+    def build(num_classes: int, width: int, dtype: Any, **options: Any) -> nn.Module:
+        return ResNet(stage_sizes=stage_sizes, num_classes=num_classes, width=width, dtype=dtype,
+                      **options)
 
+    build.options = RESNET_OPTIONS
     return build
 
 
@@ -130,11 +196,29 @@ MODELS: dict[str, tuple[Callable[..., nn.Module], int]] = {
 
 
 def create_model(name: str, num_classes: int = 10, width: int | None = None,
-                 dtype: Any = jnp.float32, dropout: float = 0.0,
-                 input_dropout: float = 0.0) -> nn.Module:
-    """Build a registered model; raises ``KdError`` naming the choices for an unknown name."""
+                 dtype: Any = jnp.float32, **options: Any) -> nn.Module:
+    """Build a registered model; raises ``KdError`` naming the choices for an unknown name.
+
+    ``options`` are the family's fields (:data:`MLP_OPTIONS`, :data:`RESNET_OPTIONS`); any
+    other family's option is accepted only at its default, where it changes nothing.
+    """
     width = model_width(name, width)
-    return MODELS[name][0](num_classes, width, dtype, dropout, input_dropout)
+    build = MODELS[name][0]
+    for key, value in options.items():
+        if key not in build.options and value != _OPTION_DEFAULTS[key]:
+            raise KdError(f"{name} does not take {key} (set to {value!r})")
+    return build(num_classes, width, dtype,
+                 **{k: v for k, v in options.items() if k in build.options})
+
+
+_OPTION_DEFAULTS = {"dropout": 0.0, "input_dropout": 0.0, "bn_momentum": 0.9,
+                    "bn_epsilon": 1e-5, "bn_scale": True, "whiten_patch": 0}
+
+
+def model_options(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The model options a run's config (a config dataclass's fields or its config.json) sets;
+    missing keys (runs made before an option existed) keep the default."""
+    return {k: config.get(k, default) for k, default in _OPTION_DEFAULTS.items()}
 
 
 def model_width(name: str, width: int | None) -> int:

@@ -27,6 +27,7 @@ from kd_jax.data import Augmentation  # noqa: E402
 from kd_jax.errors import KdError  # noqa: E402
 from kd_jax.models import create_model, init_variables  # noqa: E402
 from kd_jax.train import (  # noqa: E402
+    OptimizerSpec,
     create_state,
     epoch_order,
     make_distill_step,
@@ -58,7 +59,7 @@ def train(kind: str, mesh: Mesh, dtype: str = "float32") -> tuple[dict, list[flo
     images = rng.integers(0, 256, (2 * BATCH, *SHAPE), np.uint8)
     labels = rng.integers(0, 10, 2 * BATCH).astype(np.int32)
     model = create_model("resnet8", 10, 4, dtype)
-    tx, _ = make_optimizer(0.05, 5e-4, 0.9, 0, 100)
+    tx, _ = make_optimizer(OptimizerSpec(0.05, weight_decay=5e-4, warmup_fraction=0), 100)
     state = create_state(model, init_variables(model, SHAPE, 0), tx)
     if kind == "teacher":
         step, arrays = make_teacher_step(), (images, labels)

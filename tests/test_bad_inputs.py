@@ -26,13 +26,13 @@ from kd_jax.errors import KdError
 from kd_jax.jobs import distill, train_teacher
 from kd_jax.models import create_model, init_variables
 from kd_jax.rundir import RunDir
-from kd_jax.train import create_state, make_optimizer
+from kd_jax.train import OptimizerSpec, create_state, make_optimizer
 
 
 def _state_like(num_classes, model="resnet8", width=4):
     """A train state of zeros, shaped by tracing alone: no compilation (values play no part)."""
     model = create_model(model, num_classes, width)
-    tx, _ = make_optimizer(0.1, 0.0, 0.9, 0, 10)
+    tx, _ = make_optimizer(OptimizerSpec(0.1, weight_decay=0.0, warmup_fraction=0), 10)
     shapes = jax.eval_shape(lambda: init_variables(model, (32, 32, 3), 0))
     return create_state(model, jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), shapes), tx)
 

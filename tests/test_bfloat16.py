@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 from kd_jax.models import create_model, init_variables
-from kd_jax.train import create_state, make_distill_step, make_optimizer, make_teacher_step
+from kd_jax.train import (
+    OptimizerSpec,
+    create_state,
+    make_distill_step,
+    make_optimizer,
+    make_teacher_step,
+)
 
 SHAPE = (8, 8, 3)
 
@@ -21,7 +27,7 @@ def batch():
 
 def fresh_state(dtype):
     model = create_model("resnet8", 10, 4, dtype)
-    tx, _ = make_optimizer(0.05, 5e-4, 0.9, 0, 1000)
+    tx, _ = make_optimizer(OptimizerSpec(0.05, weight_decay=5e-4, warmup_fraction=0), 1000)
     return model, create_state(model, init_variables(model, SHAPE, 0), tx)
 
 

@@ -148,9 +148,10 @@ def test_official_archive_checksum_comes_from_tfds():
 
 def test_augmentation_keeps_shape_dtype_and_is_deterministic_per_key():
     images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3)), jnp.uint8)
-    a = data.augment(jax.random.key(1), images, 4, True)
-    b = data.augment(jax.random.key(1), images, 4, True)
-    c = data.augment(jax.random.key(2), images, 4, True)
+    augment = data.Augmentation(4, True, (0.5,) * 3, (0.25,) * 3).augment
+    a = augment(jax.random.key(1), images)
+    b = augment(jax.random.key(1), images)
+    c = augment(jax.random.key(2), images)
     assert a.shape == images.shape and a.dtype == jnp.uint8
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)

@@ -16,7 +16,7 @@ from kd_jax import data, jobs
 from kd_jax.config import DistillConfig, TeacherConfig, load_yaml
 from kd_jax.errors import KdError
 from kd_jax.models import create_model, init_variables
-from kd_jax.train import create_state, make_optimizer, teacher_step
+from kd_jax.train import OptimizerSpec, create_state, make_optimizer, teacher_step
 
 ROOT = Path(__file__).resolve().parent.parent
 FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -140,7 +140,8 @@ def test_real_mnist_counts():
 def test_jitter_keeps_shape_and_moves_pixels_by_at_most_two():
     images = np.zeros((256, 28, 28, 1), np.uint8)
     images[:, 13, 9] = 255  # one lit pixel per image
-    out = np.asarray(data.augment(jax.random.key(0), jnp.asarray(images), crop_pad=2, flip=False))
+    jitter = data.Augmentation(2, False, data.MNIST_MEAN, data.MNIST_STD).augment
+    out = np.asarray(jitter(jax.random.key(0), jnp.asarray(images)))
     assert out.shape == images.shape and out.dtype == np.uint8
     assert (out.reshape(256, -1) == 255).sum(1).tolist() == [1] * 256  # moved, never lost
     rows, cols = np.nonzero(out[..., 0] == 255)[1:]
@@ -169,7 +170,8 @@ def test_max_norm_holds_after_a_step():
     labels = jnp.arange(64) % 10
 
     def trained_norms(limit: float) -> list[np.ndarray]:
-        tx, _ = make_optimizer(5.0, 0.0, 0.9, 0, 10, max_norm_limit=limit)
+        spec = OptimizerSpec(5.0, weight_decay=0.0, warmup_fraction=0, max_norm=limit)
+        tx, _ = make_optimizer(spec, 10)
         state = create_state(model, variables, tx)
         for i in range(3):
             state, _ = teacher_step(state, images, labels, jax.random.key(i))

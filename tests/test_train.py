@@ -15,7 +15,13 @@ from kd_jax.errors import KdError
 from kd_jax.losses import tempered_kl
 from kd_jax.models import create_model, init_variables
 from kd_jax.rundir import RunDir
-from kd_jax.train import create_state, make_distill_step, make_optimizer, make_teacher_step
+from kd_jax.train import (
+    OptimizerSpec,
+    create_state,
+    make_distill_step,
+    make_optimizer,
+    make_teacher_step,
+)
 
 AUG = Augmentation(0, False, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 TIMING = {"images_per_second", "epoch_seconds", "eval_seconds"}
@@ -23,7 +29,7 @@ TIMING = {"images_per_second", "epoch_seconds", "eval_seconds"}
 
 def small_state(width: int, seed: int = 0, lr: float = 0.05):
     model = create_model("resnet8", 10, width)
-    tx, _ = make_optimizer(lr, 5e-4, 0.9, 0, 100)
+    tx, _ = make_optimizer(OptimizerSpec(lr, weight_decay=5e-4, warmup_fraction=0), 100)
     return model, create_state(model, init_variables(model, (32, 32, 3), seed), tx)
 
 

@@ -1,0 +1,123 @@
+"""Run a recipe ablation on CPU: named variants of train_teacher.py / distill.py, one per core.
+
+Each variant is a job name plus flags. Jobs run side by side, each pinned to one core with one
+single-threaded XLA device (``taskset`` + ``XLA_FLAGS``), so two 2-core jobs never fight over
+the cores; a job whose ``summary.json`` exists is skipped, so a killed sweep resumes where it
+stopped (``--resume`` continues a job's own checkpoints). Accuracy does not depend on how
+busy the machine is; the epoch times of these runs are not speed measurements.
+
+    python benchmarks/ablation.py run SWEEP.json --out runs/ablation --data-dir DATA
+    python benchmarks/ablation.py table SWEEP.json --out runs/ablation
+
+A sweep file is a JSON object: ``{"common": {"teacher": [...], "distill": [...]},
+"runs": {"NAME": {"job": "teacher" | "distill", "flags": [...], "teacher": "NAME"}}}``; a
+distill run names the run whose workdir is its teacher, and waits for it to finish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = {"teacher": "train_teacher.py", "distill": "distill.py"}
+ONE_CORE_XLA = "--xla_force_host_platform_device_count=1 --xla_cpu_multi_thread_eigen=false"
+
+
+def load_sweep(path: Path) -> dict:
+    sweep = json.loads(path.read_text())
+    for name, run in sweep["runs"].items():
+        if run["job"] not in SCRIPTS:
+            raise SystemExit(f"{path}: run {name}: job must be teacher or distill")
+        if run["job"] == "distill" and run.get("teacher") not in sweep["runs"]:
+            raise SystemExit(f"{path}: run {name}: teacher {run.get('teacher')!r} is not a run")
+    return sweep
+
+
+def command(sweep: dict, name: str, out: Path, data_dir: str) -> list[str]:
+    run = sweep["runs"][name]
+    flags = [*sweep.get("common", {}).get(run["job"], []), *run["flags"]]
+    if run["job"] == "distill":
+        flags += ["--teacher-dir", str(out / run["teacher"])]
+    workdir = out / name
+    resume = ["--resume"] if (workdir / "config.json").exists() else []
+    return [sys.executable, str(REPO / SCRIPTS[run["job"]]), "--data-dir", data_dir,
+            "--workdir", str(workdir), "--no-progress", *resume, *flags]
+
+
+def finished(out: Path, name: str) -> bool:
+    return (out / name / "summary.json").is_file()
+
+
+def run_all(sweep: dict, out: Path, data_dir: str, cores: list[int]) -> None:
+    """Start each unfinished run on a free core once its teacher (if any) has finished."""
+    out.mkdir(parents=True, exist_ok=True)
+    waiting = [n for n in sweep["runs"] if not finished(out, n)]
+    busy: dict[int, tuple[str, subprocess.Popen]] = {}
+    while waiting or busy:
+        for core, (name, process) in list(busy.items()):
+            if process.poll() is not None:
+                del busy[core]
+                state = "done" if finished(out, name) else f"FAILED (exit {process.returncode})"
+                print(f"{time.strftime('%H:%M:%S')} {name}: {state}", flush=True)
+        ready = [n for n in waiting if sweep["runs"][n]["job"] == "teacher"
+                 or finished(out, sweep["runs"][n]["teacher"])]
+        for core in [c for c in cores if c not in busy]:
+            if not ready:
+                break
+            name = ready.pop(0)
+            waiting.remove(name)
+            log = open(out / f"{name}.log", "a")  # noqa: SIM115 - closed with the process
+            env = {**os.environ, "XLA_FLAGS": ONE_CORE_XLA, "JAX_PLATFORMS": "cpu"}
+            busy[core] = (name, subprocess.Popen(
+                ["taskset", "-c", str(core), *command(sweep, name, out, data_dir)],
+                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+            print(f"{time.strftime('%H:%M:%S')} {name}: started on core {core}", flush=True)
+        if waiting and not ready and not busy:
+            raise SystemExit(f"cannot start {waiting}: their teachers failed")
+        time.sleep(5)
+
+
+COLUMNS = [("val_accuracy", "val acc."), ("val_accuracy_tta", "val TTA"),
+           ("test_accuracy", "test acc."), ("test_accuracy_tta", "test TTA"),
+           ("train_accuracy", "train acc."), ("agreement", "agreement")]
+
+
+def table(sweep: dict, out: Path) -> str:
+    """A markdown table of every finished run's last-epoch figures."""
+    rows = []
+    for name, run in sweep["runs"].items():
+        if not finished(out, name):
+            continue
+        summary = json.loads((out / name / "summary.json").read_text())
+        cells = [f"{100 * summary[key]:.2f} %" if key in summary else "" for key, _ in COLUMNS]
+        rows.append(f"| {name} | `{' '.join(run['flags']) or '(defaults)'}` | "
+                    + " | ".join(cells) + " |")
+    header = "| run | flags | " + " | ".join(title for _, title in COLUMNS) + " |"
+    rule = "| --- | --- |" + " ---: |" * len(COLUMNS)
+    return "\n".join([header, rule, *rows])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("action", choices=["run", "table"])
+    parser.add_argument("sweep", type=Path)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--data-dir", default=os.environ.get("KD_JAX_DATA_DIR", ""))
+    parser.add_argument("--cores", default=",".join(map(str, sorted(os.sched_getaffinity(0)))),
+                        help="comma list of cores, one run on each (default: all)")
+    a = parser.parse_args()
+    sweep = load_sweep(a.sweep)
+    if a.action == "run":
+        run_all(sweep, a.out, a.data_dir, [int(c) for c in a.cores.split(",")])
+    else:
+        print(table(sweep, a.out))
+
+
+if __name__ == "__main__":
+    main()
