@@ -3,12 +3,7 @@
 
 import sys
 
-import kd_jax.runtime  # noqa: F401  (the fast CPU setup; must come before jax is imported)
-
-# isort: split
-from kd_jax.cli import main
-from kd_jax.config import DistillConfig
-from kd_jax.jobs import distill
+from kd_jax.cli.main import distill_main
 
 if __name__ == "__main__":
-    sys.exit(main(DistillConfig, distill, __doc__))
+    sys.exit(distill_main())

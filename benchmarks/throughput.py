@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))  # torch_resnet
 
-import kd_jax.runtime  # noqa: E402,F401  (sets the fast CPU XLA flags: must precede jax)
+import kd_jax.cli.runtime  # noqa: E402,F401  (sets the fast CPU XLA flags: must precede jax)
 
 # isort: split
 import jax  # noqa: E402
@@ -49,7 +49,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from kd_jax import conv as kd_conv  # noqa: E402
 from kd_jax.data import CIFAR10_MEAN, CIFAR10_STD, Augmentation  # noqa: E402
-from kd_jax.models import create_model, init_variables  # noqa: E402
+from kd_jax.core.models import create_model, init_variables  # noqa: E402
 from kd_jax.train import (  # noqa: E402
     OptimizerSpec,
     check_divisible,

@@ -1,4 +1,14 @@
-"""The project's own error type: anything a user can cause ends as one line, not a traceback."""
+"""The project's own error type, and the guard that turns a user's error into one line.
+
+Every layer raises :class:`KdError` for what a user can cause; the entry points (the two jobs,
+``python -m kd_jax.export/predict/report``) run under :func:`run_guarded`, which prints it as
+``error: ...`` instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
 
 
 class KdError(Exception):
@@ -11,3 +21,23 @@ class Interrupted(KdError):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.exit_code = 128 + signum  # the shell's convention for "ended by signal N"
+
+
+def run_guarded(job: Callable[[], object], debug: bool = False) -> int:
+    """Run ``job()``; a ``KdError`` (exit 2, an interrupted run 128 + the signal number), an
+    ``OSError`` (a file named by the user that cannot be read or written) or a second Ctrl-C
+    (exit 130) becomes an ``error: ...`` line."""
+    try:
+        job()
+    except (KdError, OSError, KeyboardInterrupt) as e:
+        if debug:
+            raise
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 130 if isinstance(e, KeyboardInterrupt) else getattr(e, "exit_code", 2)
+    return 0
+
+
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted"
+    return " ".join(str(error).split()) or type(error).__name__

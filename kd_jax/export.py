@@ -39,13 +39,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kd_jax import metrics
-from kd_jax.checkpoint import FrozenModel, load_frozen
-from kd_jax.cli import run_guarded
-from kd_jax.data import DATA_DIR_ENV, Augmentation, Dataset, load_dataset, normalize
-from kd_jax.errors import KdError
+from kd_jax.core import metrics
+from kd_jax.core.augment import Augmentation, normalize
+from kd_jax.core.checkpoint import FrozenModel, load_frozen
+from kd_jax.core.data import DATA_DIR_ENV, Dataset, load_dataset
+from kd_jax.core.devices import make_mesh
+from kd_jax.core.evaluation import make_predict
+from kd_jax.errors import KdError, run_guarded
 from kd_jax.onnx_model import METADATA_PREFIX
-from kd_jax.train import make_mesh, make_predict
 
 FORMATS = {"onnx": "model.onnx", "stablehlo": "model.stablehlo"}
 MIN_AGREEMENT = 0.999

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kd_jax.cli import run_guarded
-from kd_jax.errors import KdError
+from kd_jax.errors import KdError, run_guarded
 from kd_jax.onnx_model import OnnxClassifier
 
 

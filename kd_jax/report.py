@@ -28,13 +28,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kd_jax import metrics
-from kd_jax.cli import run_guarded
-from kd_jax.errors import KdError
+from kd_jax.core import metrics
+from kd_jax.core.models import count_params
+from kd_jax.core.rundir import format_table
+from kd_jax.errors import KdError, run_guarded
 from kd_jax.export import FORMATS, export_run, load_inference_model
-from kd_jax.models import count_params
 from kd_jax.onnx_model import OnnxClassifier
-from kd_jax.rundir import format_table
 
 THROUGHPUT_BATCH = 256
 COLUMNS = ["run", "model", "params", "mflops", "file_mb", "test_accuracy", "teacher_agreement",

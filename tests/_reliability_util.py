@@ -32,11 +32,19 @@ def write_cifar_binary(folder: Path, per_batch: int = 64, test: int = 64) -> Pat
     return folder
 
 
+JOBS = {"train_teacher.py": "teacher", "distill.py": "distill"}
+
+
 def run_cli(script: str, *args: str, env: dict | None = None,
             timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run ``script`` (train_teacher.py or distill.py) in a fresh interpreter."""
+    """Run ``script`` (train_teacher.py or distill.py) in a fresh interpreter; with
+    ``$KD_JAX_FAULT`` in ``env``, the same job through tests/fault_cli.py, which installs the
+    fault hook."""
     full_env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
-    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=REPO, env=full_env,
+    command = [str(REPO / script)]
+    if "KD_JAX_FAULT" in full_env:
+        command = [str(REPO / "tests" / "fault_cli.py"), JOBS[script]]
+    return subprocess.run([sys.executable, *command, *args], cwd=REPO, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -61,7 +69,7 @@ def params_bytes(workdir: Path) -> list[bytes]:
     """Every leaf of the run's last checkpoint (params and batch stats), as raw bytes."""
     import jax
 
-    from kd_jax.checkpoint import load_frozen
+    from kd_jax.core.checkpoint import load_frozen
 
     return [np.asarray(leaf).tobytes() for leaf in jax.tree.leaves(load_frozen(workdir).variables)]
 

@@ -22,25 +22,24 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from kd_jax import conv as kd_conv  # noqa: E402
-from kd_jax.data import Augmentation  # noqa: E402
-from kd_jax.errors import KdError  # noqa: E402
-from kd_jax.models import create_model, init_variables  # noqa: E402
-from kd_jax.train import (  # noqa: E402
-    OptimizerSpec,
+from kd_jax.core import conv as kd_conv  # noqa: E402
+from kd_jax.core.augment import Augmentation  # noqa: E402
+from kd_jax.core.evaluation import make_predict  # noqa: E402
+from kd_jax.core.models import create_model, init_variables  # noqa: E402
+from kd_jax.core.optim import Recipe, make_optimizer  # noqa: E402
+from kd_jax.core.steps import (  # noqa: E402
     create_state,
     epoch_order,
     make_distill_step,
-    make_optimizer,
-    make_predict,
     make_teacher_step,
     run_steps,
 )
+from kd_jax.errors import KdError  # noqa: E402
 
 BATCH, STEPS, SHAPE = 8, 3, (8, 8, 3)
 SHARDING: dict[str, dict] = {}  # per kind: what the compiled step does across devices
 AUGMENTATION = Augmentation(crop_pad=2, flip=True, mean=(0.5,) * 3, std=(0.25,) * 3)
-# One image per step of kd_jax.conv's loops, so that they run over the sharded batch here too
+# One image per step of kd_jax.core.conv's loops, so that they run over the sharded batch here too
 # (these images are far smaller than a real chunk), and bf16 matrix-product convolutions for
 # these few channels.
 kd_conv.CHUNK_VALUES = 1
@@ -59,7 +58,7 @@ def train(kind: str, mesh: Mesh, dtype: str = "float32") -> tuple[dict, list[flo
     images = rng.integers(0, 256, (2 * BATCH, *SHAPE), np.uint8)
     labels = rng.integers(0, 10, 2 * BATCH).astype(np.int32)
     model = create_model("resnet8", 10, 4, dtype)
-    tx, _ = make_optimizer(OptimizerSpec(0.05, weight_decay=5e-4, warmup_fraction=0), 100)
+    tx, _ = make_optimizer(Recipe(0.05, weight_decay=5e-4, warmup_fraction=0), 100)
     state = create_state(model, init_variables(model, SHAPE, 0), tx)
     if kind == "teacher":
         step, arrays = make_teacher_step(), (images, labels)
@@ -109,7 +108,7 @@ def collective_in_loop(hlo: str) -> bool:
 
 
 def bf16_conv(mesh: Mesh) -> list[float]:
-    """A bf16 convolution's value and gradients (kd_jax.conv's matrix products) with the batch
+    """A bf16 convolution's value and gradients (kd_jax.core.conv's matrix products) with the batch
     sharded over the mesh, gathered."""
     rng = np.random.default_rng(2)
     x = rng.normal(size=(BATCH, *SHAPE[:2], 4)).astype(jnp.bfloat16)

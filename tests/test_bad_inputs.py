@@ -18,21 +18,22 @@ import numpy as np
 import pytest
 from _reliability_util import cache_env, run_cli, snapshot, write_cifar_binary
 
-from kd_jax import data
-from kd_jax.checkpoint import RunCheckpoints
-from kd_jax.cli import main
-from kd_jax.config import DistillConfig, TeacherConfig
+from kd_jax.cli.config import DistillConfig, TeacherConfig, to_json
+from kd_jax.cli.jobs import distill, train_teacher
+from kd_jax.cli.main import main
+from kd_jax.core import data
+from kd_jax.core.checkpoint import RunCheckpoints
+from kd_jax.core.models import create_model, init_variables
+from kd_jax.core.optim import Recipe, make_optimizer
+from kd_jax.core.rundir import RunDir
+from kd_jax.core.steps import create_state
 from kd_jax.errors import KdError
-from kd_jax.jobs import distill, train_teacher
-from kd_jax.models import create_model, init_variables
-from kd_jax.rundir import RunDir
-from kd_jax.train import OptimizerSpec, create_state, make_optimizer
 
 
 def _state_like(num_classes, model="resnet8", width=4):
     """A train state of zeros, shaped by tracing alone: no compilation (values play no part)."""
     model = create_model(model, num_classes, width)
-    tx, _ = make_optimizer(OptimizerSpec(0.1, weight_decay=0.0, warmup_fraction=0), 10)
+    tx, _ = make_optimizer(Recipe(0.1, weight_decay=0.0, warmup_fraction=0), 10)
     shapes = jax.eval_shape(lambda: init_variables(model, (32, 32, 3), 0))
     return create_state(model, jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), shapes), tx)
 
@@ -40,7 +41,7 @@ def _state_like(num_classes, model="resnet8", width=4):
 def make_run(path, num_classes=10, **config):
     """A finished-looking teacher run (config, metrics, an untrained checkpoint), no training."""
     config = TeacherConfig(**{"model": "resnet8", "width": 4, "workdir": str(path), **config})
-    run = RunDir.prepare(config, "teacher")
+    run = RunDir.prepare(path, json.loads(to_json(config)))
     state = _state_like(num_classes, config.model, config.width)
     checkpoints = RunCheckpoints(path)
     checkpoints.save(state, {}, is_best=True)
@@ -185,15 +186,15 @@ def test_unwritable_workdir(capsys, data_dir, tmp_path):
 
 def test_workdir_holding_a_run_is_refused(capsys, existing, data_dir):
     assert teacher_error(capsys, existing, "--data-dir", data_dir, overwrite=False) == (
-        f"{existing[0]} already holds a run; pass --resume to continue it or --overwrite to "
-        "replace it")
+        f"{existing[0]} already holds a run; resume it (--resume, resume=True) or replace it "
+        "(--overwrite, overwrite=True)")
 
 
 def test_resume_with_other_settings_is_refused(capsys, existing, data_dir):
     assert teacher_error(capsys, existing, "--data-dir", data_dir, "--resume",
                          "--learning-rate", "0.3", overwrite=False) == (
         f"{existing[0]} holds a run with different settings (batch_size, epochs, "
-        "eval_batch_size, learning_rate); resume with the same settings or use another --workdir")
+        "eval_batch_size, learning_rate); resume with the same settings or use another workdir")
 
 
 def test_resume_and_overwrite_together(capsys, existing, data_dir):
@@ -395,10 +396,11 @@ def test_resume_does_not_switch_to_a_newer_default_teacher(capsys, tmp_path, sav
              "--student-width", "4", "--batch-size", "16", "--eval-batch-size", "16",
              "--epochs", "1", "--no-progress"]
     # An interrupted distillation from the older teacher (its config written, nothing else).
-    RunDir.prepare(DistillConfig(teacher_dir=str(older), student="resnet8", student_width=4,
-                                 batch_size=16, eval_batch_size=16, epochs=1,
-                                 workdir=str(tmp_path / "student")), "distill")
+    interrupted = DistillConfig(teacher_dir=str(older), student="resnet8", student_width=4,
+                                batch_size=16, eval_batch_size=16, epochs=1,
+                                workdir=str(tmp_path / "student"))
+    RunDir.prepare(tmp_path / "student", json.loads(to_json(interrupted)))
     shutil.copytree(saved_run, Path("runs") / "teacher-20270101-000000")
     assert error_of(distill, DistillConfig, [*flags, "--resume"], capsys) == (
         f"{tmp_path / 'student'} holds a run with different settings (teacher_dir); resume "
-        "with the same settings or use another --workdir")
+        "with the same settings or use another workdir")

@@ -7,14 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kd_jax.models import create_model, init_variables
-from kd_jax.train import (
-    OptimizerSpec,
-    create_state,
-    make_distill_step,
-    make_optimizer,
-    make_teacher_step,
-)
+from kd_jax.core.models import create_model, init_variables
+from kd_jax.core.optim import Recipe, make_optimizer
+from kd_jax.core.steps import create_state, make_distill_step, make_teacher_step
 
 SHAPE = (8, 8, 3)
 
@@ -27,7 +22,7 @@ def batch():
 
 def fresh_state(dtype):
     model = create_model("resnet8", 10, 4, dtype)
-    tx, _ = make_optimizer(OptimizerSpec(0.05, weight_decay=5e-4, warmup_fraction=0), 1000)
+    tx, _ = make_optimizer(Recipe(0.05, weight_decay=5e-4, warmup_fraction=0), 1000)
     return model, create_state(model, init_variables(model, SHAPE, 0), tx)
 
 
@@ -57,7 +52,7 @@ def test_bfloat16_steps_are_finite_and_learn(kind):
 
 def test_bfloat16_really_computes_in_bfloat16():
     """Every convolution and matrix product multiplies bf16 operands (on CPU most convolutions
-    are matrix products, see kd_jax.conv; their sums may be float32)."""
+    are matrix products, see kd_jax.core.conv; their sums may be float32)."""
     model, state = fresh_state(jnp.bfloat16)
     hlo = jax.jit(lambda v, x: model.apply(v, x)).lower(
         {"params": state.params, "batch_stats": state.batch_stats}, batch()[0]).as_text()

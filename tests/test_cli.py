@@ -36,7 +36,9 @@ def test_teacher_then_student_end_to_end(tiny_cifar, tmp_path):
                 "distill_loss", "per_class_accuracy"):
         assert key in summary
     assert summary["omitted_class"]["class"] == "cat"
-    assert summary["train_images"] == 160 and summary["validation_images"] == 40
+    # 200 images: 40 validation, 50 held out for the offset, the 11 cats of the rest dropped
+    assert summary["train_images"] == summary["transfer_images"] == 99
+    assert summary["validation_images"] == 40
     assert summary["temperature"] == 4.0
     # 200 - 40 validation - 50 holdout = 110 images, 11 of them cats (4 per 40, labels cycle).
     assert summary["transfer_images"] == 99 and summary["omitted_class"]["holdout_images"] == 50
@@ -75,7 +77,7 @@ def test_shipped_configs_load():
 
     import yaml
 
-    from kd_jax.config import DistillConfig, TeacherConfig, load_yaml
+    from kd_jax.cli.config import DistillConfig, TeacherConfig, load_yaml
 
     distill_only = ({f.name for f in dataclasses.fields(DistillConfig)}
                     - {f.name for f in dataclasses.fields(TeacherConfig)})
@@ -91,7 +93,7 @@ def test_shipped_configs_load():
 def test_default_configs_state_the_defaults(name):
     """configs/teacher.yaml and distill.yaml say they equal no --config: every key they set
     must be the dataclass default (the recipe chosen on the validation split)."""
-    from kd_jax.config import DistillConfig, TeacherConfig, load_yaml
+    from kd_jax.cli.config import DistillConfig, TeacherConfig, load_yaml
 
     cls = {"teacher": TeacherConfig, "distill": DistillConfig}[name]
     stated = load_yaml(REPO / "configs" / f"{name}.yaml", cls)

@@ -1,4 +1,4 @@
-"""kd_jax.conv: the same convolution and gradients as XLA's, whatever the stride or padding."""
+"""kd_jax.core.conv: the same convolution and gradients as XLA's, whatever the stride or padding."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from jax import lax
 
-from kd_jax import conv as kd_conv
-from kd_jax.conv import conv_general_dilated
+from kd_jax.core import conv as kd_conv
+from kd_jax.core.conv import conv_general_dilated
 
 
 @pytest.mark.parametrize("size,cin,cout,kernel,stride,padding", [

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import cifar_records, write_cifar_binary
 
-from kd_jax import data
+from kd_jax.core import augment, data
 from kd_jax.errors import KdError
 
 
@@ -148,10 +148,10 @@ def test_official_archive_checksum_comes_from_tfds():
 
 def test_augmentation_keeps_shape_dtype_and_is_deterministic_per_key():
     images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3)), jnp.uint8)
-    augment = data.Augmentation(4, True, (0.5,) * 3, (0.25,) * 3).augment
-    a = augment(jax.random.key(1), images)
-    b = augment(jax.random.key(1), images)
-    c = augment(jax.random.key(2), images)
+    crop_and_flip = augment.Augmentation(4, True, (0.5,) * 3, (0.25,) * 3).augment
+    a = crop_and_flip(jax.random.key(1), images)
+    b = crop_and_flip(jax.random.key(1), images)
+    c = crop_and_flip(jax.random.key(2), images)
     assert a.shape == images.shape and a.dtype == jnp.uint8
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
@@ -161,7 +161,7 @@ def test_augmentation_keeps_shape_dtype_and_is_deterministic_per_key():
 def test_random_crop_moves_pixels_by_at_most_pad(pad):
     images = np.zeros((64, 32, 32, 1), np.uint8)
     images[:, 16, 16, 0] = 255
-    moved = np.asarray(data.random_crop(jax.random.key(0), jnp.asarray(images), pad))
+    moved = np.asarray(augment.random_crop(jax.random.key(0), jnp.asarray(images), pad))
     rows, cols = np.nonzero(moved[..., 0] == 255)[1:]
     assert len(rows) == 64
     assert np.abs(rows - 16).max() == pad and np.abs(cols - 16).max() == pad
@@ -169,7 +169,7 @@ def test_random_crop_moves_pixels_by_at_most_pad(pad):
 
 def test_flip_mirrors_left_right():
     images = jnp.arange(2 * 4 * 4 * 1, dtype=jnp.uint8).reshape(2, 4, 4, 1)
-    flipped = np.asarray(data.random_flip(jax.random.key(0), jnp.tile(images, (32, 1, 1, 1))))
+    flipped = np.asarray(augment.random_flip(jax.random.key(0), jnp.tile(images, (32, 1, 1, 1))))
     assert any(np.array_equal(f, np.asarray(images[i % 2])[:, ::-1]) for i, f in enumerate(flipped))
     assert all(np.array_equal(f, np.asarray(images[i % 2]))
                or np.array_equal(f, np.asarray(images[i % 2])[:, ::-1])

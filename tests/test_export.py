@@ -16,9 +16,9 @@ import onnx  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from kd_jax import export, predict, report  # noqa: E402
-from kd_jax.config import DistillConfig, TeacherConfig  # noqa: E402
-from kd_jax.data import CIFAR10_CLASSES  # noqa: E402
-from kd_jax.jobs import distill, train_teacher  # noqa: E402
+from kd_jax.cli.config import DistillConfig, TeacherConfig  # noqa: E402
+from kd_jax.cli.jobs import distill, train_teacher  # noqa: E402
+from kd_jax.core.data import CIFAR10_CLASSES  # noqa: E402
 from kd_jax.onnx_model import OnnxClassifier  # noqa: E402
 
 TRAIN_PER_FILE, TEST_IMAGES = 64, 300

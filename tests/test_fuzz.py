@@ -17,8 +17,8 @@ from _reliability_util import cifar_records
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from kd_jax import data
-from kd_jax.config import TeacherConfig, load_yaml
+from kd_jax.cli.config import TeacherConfig, load_yaml
+from kd_jax.core import data
 from kd_jax.errors import KdError
 
 _PYTHON_BATCH = pickle.dumps({b"batch_label": b"x", b"labels": [1, 7, 3],

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kd_jax.losses import cross_entropy, distillation_loss, tempered_kl
+from kd_jax.core.losses import cross_entropy, distillation_loss, tempered_kl
 
 
 def softmax(z):

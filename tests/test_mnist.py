@@ -12,11 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kd_jax import data, jobs
-from kd_jax.config import DistillConfig, TeacherConfig, load_yaml
+from kd_jax.cli import jobs
+from kd_jax.cli.config import DistillConfig, TeacherConfig, load_yaml
+from kd_jax.core import augment, data
+from kd_jax.core.models import create_model, init_variables
+from kd_jax.core.optim import Recipe, make_optimizer
+from kd_jax.core.steps import create_state, teacher_step
 from kd_jax.errors import KdError
-from kd_jax.models import create_model, init_variables
-from kd_jax.train import OptimizerSpec, create_state, make_optimizer, teacher_step
 
 ROOT = Path(__file__).resolve().parent.parent
 FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -140,7 +142,7 @@ def test_real_mnist_counts():
 def test_jitter_keeps_shape_and_moves_pixels_by_at_most_two():
     images = np.zeros((256, 28, 28, 1), np.uint8)
     images[:, 13, 9] = 255  # one lit pixel per image
-    jitter = data.Augmentation(2, False, data.MNIST_MEAN, data.MNIST_STD).augment
+    jitter = augment.Augmentation(2, False, data.MNIST_MEAN, data.MNIST_STD).augment
     out = np.asarray(jitter(jax.random.key(0), jnp.asarray(images)))
     assert out.shape == images.shape and out.dtype == np.uint8
     assert (out.reshape(256, -1) == 255).sum(1).tolist() == [1] * 256  # moved, never lost
@@ -170,7 +172,7 @@ def test_max_norm_holds_after_a_step():
     labels = jnp.arange(64) % 10
 
     def trained_norms(limit: float) -> list[np.ndarray]:
-        spec = OptimizerSpec(5.0, weight_decay=0.0, warmup_fraction=0, max_norm=limit)
+        spec = Recipe(5.0, weight_decay=0.0, warmup_fraction=0, max_norm=limit)
         tx, _ = make_optimizer(spec, 10)
         state = create_state(model, variables, tx)
         for i in range(3):
@@ -242,8 +244,8 @@ def test_teacher_then_left_out_distillation_end_to_end(tmp_path, monkeypatch):
     report = summary["omitted_class"]
     assert report["class"] == "0,1,2,3,4,5,6,9" and report["holdout_images"] == 64
     assert report["fixed_offset"] == 7.6 and "test_errors_after_fixed_offset" in report
-    assert summary["train_images"] == 256
-    assert summary["transfer_images"] == 38  # the 7s and 8s among the first 256 - 64
+    # the 7s and 8s among the first 256 - 64: what the student trained on
+    assert summary["train_images"] == summary["transfer_images"] == 38
 
 
 @pytest.mark.slow
@@ -261,7 +263,7 @@ def test_student_reaches_90_percent_on_real_mnist(tmp_path):
 
 
 def test_cli_reports_a_bad_idx_file_in_one_line(tmp_path, capsys):
-    from kd_jax.cli import main
+    from kd_jax.cli.main import main
 
     write_mnist(tmp_path)
     (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x05")

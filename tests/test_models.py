@@ -2,8 +2,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from kd_jax.core.models import count_params, create_model, init_variables
 from kd_jax.errors import KdError
-from kd_jax.models import count_params, create_model, init_variables
 
 
 def params_of(name, width=None, classes=10):

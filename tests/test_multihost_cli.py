@@ -80,5 +80,5 @@ def test_two_process_teacher_run_writes_once_and_resumes(tmp_path):
     # which used to wait for it forever, stops too.
     again = run_two_processes(args, tmp_path / "again", timeout=120)
     assert [r.returncode for r in again] == [2, 2]
-    assert "already holds a run; pass --resume" in again[0].stderr
+    assert "already holds a run; resume it (--resume" in again[0].stderr
     assert f"process 0 could not prepare the workdir {workdir}" in again[1].stderr

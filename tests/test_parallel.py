@@ -71,7 +71,7 @@ def test_batch_not_divisible_by_devices_is_refused(four_and_one):
 
 @pytest.mark.slow
 def test_four_devices_bfloat16_matmul_convolution_like_one(four_and_one):
-    """kd_jax.conv's bf16 matrix products over a batch sharded on 4 devices: value and both
+    """kd_jax.core.conv's bf16 matrix products over a batch sharded on 4 devices: value and both
     gradients as on 1 device, to bf16 rounding (the kernel gradient sums in other groups)."""
     four, one = (np.asarray(r["bf16_conv"]) for r in four_and_one)
     np.testing.assert_allclose(four, one, rtol=0, atol=1e-2 * np.abs(one).max())

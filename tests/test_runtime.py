@@ -1,4 +1,4 @@
-"""The CPU setup that entry points apply before jax is imported."""
+"""The CPU setup that entry points apply before jax starts a backend."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kd_jax import runtime
+from kd_jax.cli import runtime
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,7 +22,7 @@ def test_one_single_threaded_device_per_core_up_to_a_power_of_two():
 
 
 def test_users_flags_and_accelerators_are_left_alone(monkeypatch):
-    monkeypatch.delitem(sys.modules, "jax", raising=False)  # pretend jax is not imported yet
+    monkeypatch.setattr(runtime, "backend_started", lambda: False)
     assert runtime.configure({"XLA_FLAGS": "--xla_dump_to=/tmp"}) is None
     assert runtime.configure({"JAX_PLATFORMS": "cuda"}) is None
     env = {"JAX_PLATFORMS": "cpu"}
@@ -30,19 +30,33 @@ def test_users_flags_and_accelerators_are_left_alone(monkeypatch):
     assert runtime.configure(env) == env["XLA_FLAGS"] == " ".join(runtime.cpu_flags(2))
 
 
-def test_too_late_once_jax_is_imported():
-    import jax  # noqa: F401
-
-    assert runtime.configure({"JAX_PLATFORMS": "cpu"}) is None
-
-
-def test_entry_point_import_order_gives_the_devices():
-    """What ``train_teacher.py`` does: import kd_jax.runtime, then jax sees the host devices."""
+def run_python(code: str) -> str:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
-    code = "import kd_jax.runtime, jax; print(jax.device_count())"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=120, check=True)
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120, check=True).stdout.strip()
+
+
+def expected_devices() -> int:
     flags = runtime.cpu_flags(runtime.cpu_cores())
-    expected = int(flags[0].split("=")[1]) if flags else 1
-    assert int(out.stdout.strip()) == expected
+    return int(flags[0].split("=")[1]) if flags else 1
+
+
+def test_importing_kd_jax_configures_nothing():
+    """No hidden state: importing the package (and jax) leaves XLA as it is."""
+    code = "import os, kd_jax, kd_jax.cli.main, jax; print(os.environ.get('XLA_FLAGS'))"
+    assert run_python(code) == "None"
+
+
+def test_configure_after_importing_jax_still_gives_the_devices():
+    """XLA reads its flags when the backend starts, not on import: the entry points call
+    configure() once everything is imported."""
+    code = ("import jax, kd_jax; from kd_jax.cli import runtime; runtime.configure(); "
+            "print(jax.device_count())")
+    assert int(run_python(code)) == expected_devices()
+
+
+def test_too_late_once_a_backend_has_started():
+    code = ("import jax; jax.devices(); from kd_jax.cli import runtime; "
+            "print(runtime.configure({'JAX_PLATFORMS': 'cpu'}))")
+    assert run_python(code) == "None"

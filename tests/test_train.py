@@ -7,21 +7,16 @@ import numpy as np
 import pytest
 from conftest import cifar_records
 
-from kd_jax import jobs
-from kd_jax.checkpoint import RunCheckpoints, load_frozen
-from kd_jax.config import DistillConfig, TeacherConfig
-from kd_jax.data import Augmentation
+from kd_jax.cli import jobs
+from kd_jax.cli.config import DistillConfig, TeacherConfig
+from kd_jax.core.augment import Augmentation
+from kd_jax.core.checkpoint import RunCheckpoints, load_frozen
+from kd_jax.core.losses import tempered_kl
+from kd_jax.core.models import create_model, init_variables
+from kd_jax.core.optim import Recipe, make_optimizer
+from kd_jax.core.rundir import RunDir
+from kd_jax.core.steps import create_state, make_distill_step, make_teacher_step
 from kd_jax.errors import KdError
-from kd_jax.losses import tempered_kl
-from kd_jax.models import create_model, init_variables
-from kd_jax.rundir import RunDir
-from kd_jax.train import (
-    OptimizerSpec,
-    create_state,
-    make_distill_step,
-    make_optimizer,
-    make_teacher_step,
-)
 
 AUG = Augmentation(0, False, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 TIMING = {"images_per_second", "epoch_seconds", "eval_seconds"}
@@ -29,7 +24,7 @@ TIMING = {"images_per_second", "epoch_seconds", "eval_seconds"}
 
 def small_state(width: int, seed: int = 0, lr: float = 0.05):
     model = create_model("resnet8", 10, width)
-    tx, _ = make_optimizer(OptimizerSpec(lr, weight_decay=5e-4, warmup_fraction=0), 100)
+    tx, _ = make_optimizer(Recipe(lr, weight_decay=5e-4, warmup_fraction=0), 100)
     return model, create_state(model, init_variables(model, (32, 32, 3), seed), tx)
 
 

@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kd_jax import conv as kd_conv
 from kd_jax.errors import KdError
 
 ModuleDef = Any
@@ -67,12 +66,12 @@ class ResNet(nn.Module):
     bn_epsilon: float = 1e-5
     bn_scale: bool = True
     whiten_patch: int = 0
+    conv: ModuleDef = nn.Conv  # e.g. kd_jax.core.conv.CpuConv, faster to train on CPUs
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        conv = partial(nn.Conv, use_bias=False, dtype=self.dtype, padding="SAME",
-                       kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
-                       conv_general_dilated=kd_conv.conv_general_dilated)
+        conv = partial(self.conv, use_bias=False, dtype=self.dtype, padding="SAME",
+                       kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"))
         norm = partial(nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
                        epsilon=self.bn_epsilon, dtype=self.dtype, use_scale=self.bn_scale)
         x = x.astype(self.dtype)
@@ -93,7 +92,7 @@ class Whitening(nn.Module):
     ResNet-9): each output channel is one principal direction of the training images'
     patches, scaled by 1 / sqrt(its variance), once with each sign (so a ReLU after it keeps
     both halves). Its kernel comes from :func:`whitening_kernel`; the optimizer never moves it
-    (see ``kd_jax.train.param_group``)."""
+    (see ``kd_jax.core.optim.param_group``)."""
 
     patch: int
     dtype: Any = jnp.float32
@@ -196,19 +195,23 @@ MODELS: dict[str, tuple[Callable[..., nn.Module], int]] = {
 
 
 def create_model(name: str, num_classes: int = 10, width: int | None = None,
-                 dtype: Any = jnp.float32, **options: Any) -> nn.Module:
+                 dtype: Any = jnp.float32, conv: ModuleDef | None = None,
+                 **options: Any) -> nn.Module:
     """Build a registered model; raises ``KdError`` naming the choices for an unknown name.
 
-    ``options`` are the family's fields (:data:`MLP_OPTIONS`, :data:`RESNET_OPTIONS`); any
-    other family's option is accepted only at its default, where it changes nothing.
+    ``conv`` replaces a ResNet's ``nn.Conv`` (MLPs have none). ``options`` are the family's
+    fields (:data:`MLP_OPTIONS`, :data:`RESNET_OPTIONS`); any other family's option is
+    accepted only at its default, where it changes nothing.
     """
     width = model_width(name, width)
     build = MODELS[name][0]
     for key, value in options.items():
         if key not in build.options and value != _OPTION_DEFAULTS[key]:
             raise KdError(f"{name} does not take {key} (set to {value!r})")
-    return build(num_classes, width, dtype,
-                 **{k: v for k, v in options.items() if k in build.options})
+    chosen = {k: v for k, v in options.items() if k in build.options}
+    if conv is not None and "bn_scale" in build.options:
+        chosen["conv"] = conv
+    return build(num_classes, width, dtype, **chosen)
 
 
 _OPTION_DEFAULTS = {"dropout": 0.0, "input_dropout": 0.0, "bn_momentum": 0.9,

@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from kd_jax.core.models import create_model, model_options
+from kd_jax.core.rundir import read_json
 from kd_jax.errors import KdError
-from kd_jax.models import create_model, model_options
-from kd_jax.rundir import read_json
 
 
 class RunCheckpoints:
@@ -92,10 +92,12 @@ class FrozenModel:
     variables: dict  # {"params": ..., "batch_stats": ...}
     checkpoint: Path
 
-    def build(self, num_classes: int, dtype: Any = jnp.float32) -> nn.Module:
+    def build(self, num_classes: int, dtype: Any = jnp.float32,
+              conv: nn.Module | None = None) -> nn.Module:
         """The registered model this run trained, with the options its config names."""
         name, width = self.model_spec
-        return create_model(name, num_classes, width, dtype, **model_options(self.config))
+        return create_model(name, num_classes, width, dtype, conv=conv,
+                            **model_options(self.config))
 
     @property
     def model_spec(self) -> tuple[str, int | None]:

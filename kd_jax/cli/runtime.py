@@ -1,14 +1,14 @@
-"""The fastest XLA:CPU setup, applied before jax is imported; entry points import this first.
+"""The fastest XLA:CPU setup; the entry points call :func:`configure` before jax starts a backend.
 
 On a CPU, one XLA device keeps the cores only partly busy: XLA's convolutions parallelise
 poorly inside one op, and its per-image cost grows with the batch. Splitting the host into one
 single-threaded XLA device per core and the batch across them (the same data-parallel mesh
 that spreads a batch over GPUs) ran the ResNet-18 train step with XLA's own convolutions 1.2x
 faster relative to PyTorch on this project's 2-core CPU, and about as fast with
-:mod:`kd_jax.conv` (see benchmarks/README.md). ``XLA_FLAGS`` is read once, when jax
-initialises its CPU backend, so this must run before ``import jax``; it does nothing when the
-user set ``XLA_FLAGS`` themselves, when jax is already imported, or when jax will run on an
-accelerator.
+:mod:`kd_jax.core.conv` (see benchmarks/README.md). ``XLA_FLAGS`` is read once, when jax
+initialises its CPU backend (the first computation or device query, not ``import jax``), so
+:func:`configure` does nothing once a backend is up, when the user set ``XLA_FLAGS``
+themselves, or when jax will run on an accelerator. Nothing happens on import.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def will_use_cpu(environ: MutableMapping[str, str]) -> bool:
 
 def configure(environ: MutableMapping[str, str] = os.environ) -> str | None:
     """Set ``XLA_FLAGS`` for the CPU when nobody else has; returns what was set, if anything."""
-    if "jax" in sys.modules or "XLA_FLAGS" in environ or not will_use_cpu(environ):
+    if backend_started() or "XLA_FLAGS" in environ or not will_use_cpu(environ):
         return None
     flags = cpu_flags(cpu_cores())
     if not flags:
@@ -69,4 +69,10 @@ def configure(environ: MutableMapping[str, str] = os.environ) -> str | None:
     return environ["XLA_FLAGS"]
 
 
-configure()
+def backend_started() -> bool:
+    """Whether jax has started a backend (after which XLA_FLAGS are no longer read)."""
+    if "jax" not in sys.modules:
+        return False
+    from jax._src import xla_bridge  # no public API tells; absent, assume it has started
+
+    return getattr(xla_bridge, "backends_are_initialized", lambda: True)()

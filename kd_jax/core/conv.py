@@ -14,7 +14,8 @@ Two cases are rewritten on CPU, both measured on this project's 2-core developme
   float32 accumulation runs ~4.5x its float32 one. :func:`matmul_conv` is im2col times the
   kernel, a few images at a time.
 
-Accelerators keep XLA's own convolutions (cuDNN and the TPU compiler are good at them). Only
+It is opt-in: a model takes it as its convolution (``ResNet(conv=CpuConv)``; the command-line
+jobs inject it on CPUs only, since cuDNN and the TPU compiler are good at convolutions). Only
 the case ResNets use is rewritten (NHWC input, HWIO kernel, no dilation, one feature group);
 anything else goes to ``lax.conv_general_dilated`` untouched.
 """
@@ -26,6 +27,7 @@ from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -38,7 +40,7 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
                          rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1,
                          batch_group_count: int = 1, precision=None,
                          preferred_element_type=None) -> jax.Array:
-    """``lax.conv_general_dilated``, with matrix products on CPU (see the module doc)."""
+    """``lax.conv_general_dilated``, with matrix products where XLA:CPU is slow (module doc)."""
     plain = partial(lax.conv_general_dilated, window_strides=window_strides, padding=padding,
                     lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
                     dimension_numbers=dimension_numbers,
@@ -50,11 +52,15 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
               and all(d == 1 for d in (lhs_dilation or (1,)) + (rhs_dilation or (1,)))
               and feature_group_count == 1 and batch_group_count == 1
               and preferred_element_type is None)
-    if not simple or jax.default_backend() != "cpu":
+    if not simple:
         return plain(lhs, rhs)
     if isinstance(padding, str):
         padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
     return _conv(lhs, rhs, tuple(window_strides), tuple(map(tuple, padding)), precision)
+
+
+# flax's convolution with this one inside: what a ResNet takes as ``conv`` on CPUs.
+CpuConv = partial(nn.Conv, conv_general_dilated=conv_general_dilated)
 
 
 def _plain(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
@@ -193,8 +199,8 @@ def _chunks(x: jax.Array, *more: jax.Array, min_steps: int = 1) -> list[jax.Arra
     (:func:`_packed`) and arrays of other shapes with the same batch.
 
     Under data parallelism (the batch sharded over all devices, see
-    ``kd_jax.train.make_mesh``) there is one group per device, so that every device loops over
-    its own images only and the devices' results meet once, after the loop. A cross-device sum
+    ``kd_jax.core.devices.make_mesh``) there is one group per device, so that every device loops
+    over its own images only and the devices' results meet once, after the loop. A cross-device sum
     inside the loop deadlocked XLA:CPU (its devices reached the collectives of different
     convolutions' loops in different orders).
     """

@@ -13,7 +13,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from kd_jax.data import PAD_MODES, TTA_MODES
+from kd_jax.core.augment import PAD_MODES, TTA_MODES
 from kd_jax.errors import KdError
 
 
@@ -34,7 +34,7 @@ class RunConfig:
     final_lr_factor: float = 0.0
     momentum: float = 0.9
     weight_decay: float = 5e-4  # applied to kernels only, not to BN scales or biases
-    # Learning-rate factors by parameter group (kd_jax.train.param_group), and the weight
+    # Learning-rate factors by parameter group (kd_jax.core.optim.param_group), and the weight
     # decay of BatchNorm scales and biases.
     bn_lr_factor: float = 1.0
     head_lr_factor: float = 1.0

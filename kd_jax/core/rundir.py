@@ -9,19 +9,21 @@
 
 from __future__ import annotations
 
-import dataclasses
+import importlib.metadata
 import json
 import os
+import platform
 import shutil
-import time
+import subprocess
+from collections.abc import Collection
 from pathlib import Path
 
-from kd_jax.config import RunConfig, to_json
+import jax
+
+from kd_jax.core.plots import plot_history
 from kd_jax.errors import KdError
 
-RUNS_ROOT = Path("runs")
-# Settings that may differ between an interrupted run and its --resume.
-_RESUMABLE = {"resume", "overwrite", "progress", "workdir", "data_dir", "checkpoint_every_steps"}
+_PACKAGES = ("kd-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
 
 
 class RunDir:
@@ -35,35 +37,38 @@ class RunDir:
         self.plot_path = path / "curves.png"
 
     @classmethod
-    def prepare(cls, config: RunConfig, job: str) -> RunDir:
-        """Create or reopen the workdir; refuse to mix two different runs in one folder."""
-        path = Path(config.workdir or RUNS_ROOT / f"{job}-{time.strftime('%Y%m%d-%H%M%S')}")
+    def prepare(cls, path: str | Path, config: dict, *, resume: bool = False,
+                overwrite: bool = False, resumable: Collection[str] = ()) -> RunDir:
+        """Create or reopen the workdir ``path`` for a run described by ``config`` (JSON-able);
+        refuse to mix two different runs in one folder. Keys in ``resumable`` may differ
+        between an interrupted run and its resumption."""
+        path = Path(path)
         run = cls(path)
         if run.config_path.exists():
-            if config.resume:
-                run._check_same_run(config)
-            elif config.overwrite:
+            if resume:
+                run._check_same_run(config, resumable)
+            elif overwrite:
                 for name in ("metrics.jsonl", "summary.json", "curves.png"):
                     (path / name).unlink(missing_ok=True)
                 shutil.rmtree(path / "checkpoints", ignore_errors=True)
             else:
-                raise KdError(f"{path} already holds a run; pass --resume to continue it or "
-                              "--overwrite to replace it")
+                raise KdError(f"{path} already holds a run; resume it (--resume, resume=True) "
+                              "or replace it (--overwrite, overwrite=True)")
         try:
             path.mkdir(parents=True, exist_ok=True)
-            _atomic_write(run.config_path, to_json(dataclasses.replace(config, workdir=str(path))))
+            _atomic_write(run.config_path, json.dumps(config, indent=2, sort_keys=True))
         except OSError as e:
             raise KdError(f"{path}: cannot write the workdir ({e.strerror})") from None
         return run
 
-    def _check_same_run(self, config: RunConfig) -> None:
+    def _check_same_run(self, config: dict, resumable: Collection[str]) -> None:
         saved = read_json(self.config_path)
-        now = json.loads(to_json(config))
-        changed = sorted(k for k in now if k not in _RESUMABLE and saved.get(k) != now[k])
+        now = json.loads(json.dumps(config))
+        changed = sorted(k for k in now if k not in resumable and saved.get(k) != now[k])
         if changed:
             raise KdError(f"{self.path} holds a run with different settings "
                           f"({', '.join(changed)}); resume with the same settings or use "
-                          "another --workdir")
+                          "another workdir")
 
     def read_metrics(self, up_to_epoch: int | None = None) -> list[dict]:
         if not self.metrics_path.exists():
@@ -82,6 +87,25 @@ class RunDir:
     def write_summary(self, summary: dict) -> None:
         _atomic_write(self.summary_path, json.dumps(summary, indent=2) + "\n")
 
+    def write_plot(self, history: list[dict], title: str,
+                   reference_accuracy: float | None = None) -> None:
+        plot_history(history, self.plot_path, title, reference_accuracy)
+
+
+class ReaderRunDir(RunDir):
+    """The run directory as processes other than 0 of a multi-process run see it: they read
+    (resume), process 0 writes."""
+
+    def write_metrics(self, rows: list[dict]) -> None:
+        pass
+
+    def write_summary(self, summary: dict) -> None:
+        pass
+
+    def write_plot(self, history: list[dict], title: str,
+                   reference_accuracy: float | None = None) -> None:
+        pass
+
 
 def read_json(path: Path) -> dict:
     """A JSON object from ``path``; anything else (unreadable, not JSON, not an object) is a
@@ -95,19 +119,38 @@ def read_json(path: Path) -> dict:
     return value
 
 
+def environment() -> dict:
+    """What made a run: package versions, Python, the devices, and the git commit when kd-jax
+    runs from a checkout (``git_dirty``: with uncommitted changes)."""
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    devices = jax.devices()
+    return {**versions, "python": platform.python_version(), "platform": jax.default_backend(),
+            "device_kind": devices[0].device_kind, "device_count": len(devices), **_git()}
+
+
+def _git() -> dict:
+    checkout = Path(__file__).resolve().parents[2]
+    if not (checkout / ".git").exists():
+        return {}
+    try:
+        run = lambda *args: subprocess.run(["git", "-C", str(checkout), *args], timeout=10,
+                                           capture_output=True, text=True, check=True).stdout
+        return {"git_commit": run("rev-parse", "HEAD").strip(),
+                "git_dirty": bool(run("status", "--porcelain", "--untracked-files=no").strip())}
+    except (OSError, subprocess.SubprocessError):
+        return {}
+
+
 def _atomic_write(path: Path, text: str) -> None:
     """Write via a temporary file and rename, so a crash never leaves half a file."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def latest_run(job: str, root: Path = RUNS_ROOT) -> Path:
-    """The newest ``runs/<job>-*`` folder that holds a checkpoint."""
-    runs = sorted(p for p in root.glob(f"{job}-*") if (p / "checkpoints" / "latest").is_dir())
-    if not runs:
-        raise KdError(f"no {job} run found under {root}/; train one first or pass --teacher-dir")
-    return runs[-1]
 
 
 def _cell(key: str, value: object) -> str:

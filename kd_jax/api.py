@@ -1,0 +1,259 @@
+"""kd-jax's public API: train a model on labels, distill a student from frozen teachers.
+
+Bring any Flax linen module called as ``model.apply(variables, x, train=...)`` (with or
+without BatchNorm or dropout) and numpy arrays::
+
+    import kd_jax
+    state, history = kd_jax.train(teacher_model, images, labels, epochs=5, batch_size=256,
+                                  eval_sets={"test": (test_images, test_labels)})
+    teacher = kd_jax.Teacher(teacher_model.apply, state.inference_variables())
+    student, history = kd_jax.distill(student_model, teacher, images, temperature=4.0,
+                                      epochs=5, batch_size=256,
+                                      eval_sets={"test": (test_images, test_labels)})
+
+Images are uint8 NHWC (augmented and standardised on the device by ``augmentation``, an
+:class:`kd_jax.Augmentation`; by default only standardised with their own statistics) or
+float arrays of any shape, used as they are. Without ``workdir`` a run stays in memory and
+writes nothing; with one it writes what the command-line jobs write (config.json,
+metrics.jsonl, summary.json, curves.png, orbax checkpoints) and ``resume=True`` continues it.
+An eval set named ``val`` is the validation split: the best checkpoint is chosen on it, never
+on the test set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from kd_jax.core.augment import Passthrough, standardizing
+from kd_jax.core.checkpoint import load_frozen
+from kd_jax.core.devices import make_mesh
+from kd_jax.core.evaluation import ClassificationEval, DistillationEval, make_predict
+from kd_jax.core.hooks import Checkpointer, MetricsWriter, Progress, StopOnSignal
+from kd_jax.core.models import count_params
+from kd_jax.core.optim import Recipe, head_module, make_optimizer
+from kd_jax.core.rundir import RunDir, environment
+from kd_jax.core.steps import TrainState, create_state, make_distill_step, make_teacher_step
+from kd_jax.core.trainer import Hook, Trainer
+from kd_jax.errors import KdError
+
+History = list[dict]
+DEFAULT_RECIPE = Recipe()
+EvalSets = Mapping[str, tuple[np.ndarray, np.ndarray]]
+# Settings that may differ between an interrupted run and its resumption.
+RESUMABLE = frozenset({"resume", "overwrite", "progress", "workdir", "data_dir",
+                       "checkpoint_every_steps"})
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """A frozen model: ``apply_fn(variables, x, train=False) -> logits`` and its variables."""
+
+    apply_fn: Callable[..., jax.Array]
+    variables: dict
+
+    @classmethod
+    def from_workdir(cls, workdir: str | Path, model: nn.Module | None = None) -> Teacher:
+        """The model a kd-jax run trained (its weight average, if it kept one). ``model`` is
+        needed for a module of your own; registered models are rebuilt from config.json."""
+        frozen = load_frozen(workdir)
+        if model is None:
+            head = frozen.variables["params"][head_module(frozen.variables["params"])]
+            model = frozen.build(head["kernel"].shape[-1])
+        return cls(model.apply, frozen.variables)
+
+
+def as_teacher(teacher: Teacher | tuple | str | Path) -> Teacher:
+    """A :class:`Teacher` from itself, an ``(apply_fn, variables)`` pair or a run's workdir."""
+    if isinstance(teacher, Teacher):
+        return teacher
+    if isinstance(teacher, str | Path):
+        return Teacher.from_workdir(teacher)
+    if isinstance(teacher, tuple) and len(teacher) == 2 and callable(teacher[0]):
+        return Teacher(*teacher)
+    raise KdError(f"a teacher is a kd_jax.Teacher, an (apply_fn, variables) pair or a workdir, "
+                  f"got {type(teacher).__name__}")
+
+
+def train(model: nn.Module, images: np.ndarray, labels: np.ndarray, *,
+          eval_sets: EvalSets | None = None, recipe: Recipe = DEFAULT_RECIPE, epochs: int = 10,
+          batch_size: int = 512, augmentation: Any = None, label_smoothing: float = 0.0,
+          seed: int = 0, variables: dict | None = None, workdir: str | Path | RunDir | None = None,
+          resume: bool = False, overwrite: bool = False, checkpoint_every_steps: int = 0,
+          hooks: Sequence[Hook] = (), progress: bool = True, eval_batch_size: int = 1000,
+          steps_per_dispatch: int = 0, config: dict | None = None,
+          summary: Callable[[TrainState], dict] | None = None) -> tuple[TrainState, History]:
+    """Train ``model`` on ``(images, labels)`` with cross-entropy; returns the trained state
+    and one row of metrics per epoch.
+
+    ``variables`` start from given weights instead of ``model.init`` with ``seed``;
+    ``config`` is what config.json records (default: this call's settings); ``summary``
+    adds fields, computed from the final state, to summary.json.
+    """
+    labels = _checked_labels(labels, images, "labels")
+    run = _Run(model, images, eval_sets, recipe, epochs, batch_size, augmentation, seed,
+               variables, eval_batch_size)
+    evaluators = [ClassificationEval(name, x, y, run.predict) for name, x, y in run.eval_sets]
+    config = config or run.describe("train", label_smoothing=label_smoothing)
+    return run.fit(make_teacher_step(label_smoothing), (images, labels), evaluators, workdir,
+                   config, resume, overwrite, checkpoint_every_steps, hooks, progress,
+                   steps_per_dispatch, summary)
+
+
+def distill(student: nn.Module, teachers: Teacher | tuple | str | Path, images: np.ndarray, *,
+            labels: np.ndarray | None = None, temperature: float = 4.0, alpha: float = 1.0,
+            eval_sets: EvalSets | None = None, recipe: Recipe = DEFAULT_RECIPE, epochs: int = 10,
+            batch_size: int = 512, augmentation: Any = None, seed: int = 0,
+            variables: dict | None = None, workdir: str | Path | RunDir | None = None,
+            resume: bool = False, overwrite: bool = False, checkpoint_every_steps: int = 0,
+            hooks: Sequence[Hook] = (), progress: bool = True, eval_batch_size: int = 1000,
+            steps_per_dispatch: int = 0, config: dict | None = None,
+            summary: Callable[[TrainState], dict] | None = None) -> tuple[TrainState, History]:
+    """Train ``student`` on the frozen teacher's softened outputs: ``T^2 * KL(p_t^T || p_s^T)``
+    (Hinton et al. 2015), the teacher seeing exactly the augmented batch the student sees.
+
+    With ``alpha == 1`` (the default) no label is ever read: passing ``labels`` is an error,
+    and the step cannot take them. With ``alpha < 1``, ``(1 - alpha) * CE`` on ``labels`` at
+    T = 1 is added. Every eval set also reports the student's agreement with the teacher.
+    Other arguments as :func:`train`.
+    """
+    if alpha == 1 and labels is not None:
+        raise KdError("alpha == 1 trains from the teacher alone: pass no labels")
+    if alpha != 1 and labels is None:
+        raise KdError(f"alpha = {alpha} < 1 mixes in a hard-label term: pass labels")
+    teacher = as_teacher(teachers)
+    arrays = (images,) if labels is None else (images, _checked_labels(labels, images, "labels"))
+    run = _Run(student, images, eval_sets, recipe, epochs, batch_size, augmentation, seed,
+               variables, eval_batch_size)
+    teacher_variables = jax.tree.map(run.replicate, teacher.variables)
+    teacher_predict = make_predict(Applied(teacher.apply_fn), run.preprocess, eval_batch_size,
+                                   run.mesh)
+    evaluators = [DistillationEval(ClassificationEval(name, x, y, run.predict),
+                                   np.asarray(teacher_predict(teacher_variables, x)))
+                  for name, x, y in run.eval_sets]
+    step = make_distill_step(teacher.apply_fn, teacher_variables, temperature, alpha)
+    config = config or run.describe("distill", temperature=temperature, alpha=alpha)
+    return run.fit(step, arrays, evaluators, workdir, config, resume, overwrite,
+                   checkpoint_every_steps, hooks, progress, steps_per_dispatch, summary)
+
+
+def evaluate(model: nn.Module | Callable, variables: dict, images: np.ndarray,
+             labels: np.ndarray, *, augmentation: Any = None, tta: str = "none",
+             batch_size: int = 1000, name: str = "test") -> dict[str, float]:
+    """``{name}_loss`` and ``{name}_accuracy`` of a model in inference mode, optionally with
+    test-time augmentation (``flip``, ``flip_translate``: see
+    :func:`kd_jax.core.augment.tta_views`). ``augmentation`` supplies the normalisation the
+    model was trained with."""
+    mesh = make_mesh()
+    preprocess = augmentation or _default_preprocessing(images)
+    module = model if isinstance(model, nn.Module) else Applied(model)
+    predict = make_predict(module, preprocess, batch_size, mesh, tta)
+    placed = jax.device_put(images, NamedSharding(mesh, P()))
+    return ClassificationEval(name, placed, _checked_labels(labels, images, name), predict)(
+        jax.device_put(variables, NamedSharding(mesh, P())))
+
+
+@dataclass(frozen=True)
+class Applied:
+    """An ``apply_fn`` in the shape :func:`make_predict` calls (``.apply``), hashable for jit."""
+
+    apply: Callable[..., jax.Array]
+
+
+class _Run:
+    """What :func:`train` and :func:`distill` set up alike: the mesh, the preprocessing, the
+    eval sets on the device, the initial state and its optimizer."""
+
+    def __init__(self, model: nn.Module, images: np.ndarray, eval_sets: EvalSets | None,
+                 recipe: Recipe, epochs: int, batch_size: int, augmentation: Any, seed: int,
+                 variables: dict | None, eval_batch_size: int):
+        if epochs < 1 or batch_size < 1:
+            raise KdError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
+        self.model, self.recipe, self.epochs, self.batch_size = model, recipe, epochs, batch_size
+        self.seed, self.num_train = seed, len(images)
+        self.mesh = make_mesh()
+        self.preprocess = augmentation or _default_preprocessing(images)
+        self.predict = make_predict(model, self.preprocess, eval_batch_size, self.mesh)
+        self.eval_sets = [(name, self.replicate(np.asarray(x)), _checked_labels(y, x, name))
+                          for name, (x, y) in (eval_sets or {}).items()]
+        steps = epochs * max(len(images) // batch_size, 1)
+        self.tx, self.schedule = make_optimizer(recipe, steps)
+        if variables is None:
+            sample = self.preprocess.normalize(jax.numpy.asarray(images[:1]))
+            variables = jax.jit(lambda key: model.init(key, sample, train=False))(
+                jax.random.key(seed))
+        self.state = create_state(model, variables, self.tx, recipe.ema_decay)
+
+    def replicate(self, array: Any) -> jax.Array:
+        return jax.device_put(array, NamedSharding(self.mesh, P()))
+
+    def describe(self, job: str, **settings: Any) -> dict:
+        """config.json of a run started from the API: its settings, not its arrays."""
+        return {"job": job, "model": type(self.model).__name__, "epochs": self.epochs,
+                "batch_size": self.batch_size, "seed": self.seed,
+                **dataclasses.asdict(self.recipe), **settings}
+
+    def fit(self, step: Any, arrays: tuple, evaluators: list, workdir: Any, config: dict,
+            resume: bool, overwrite: bool, every: int, hooks: Sequence[Hook], progress: bool,
+            steps_per_dispatch: int, summary: Callable | None) -> tuple[TrainState, History]:
+        run = _open(workdir, config, resume, overwrite)
+        best = "val_accuracy" if any(name == "val" for name, _, _ in self.eval_sets) else None
+        all_hooks = [*hooks]
+        if run is not None:
+            all_hooks += [Checkpointer(run.path, every_steps=every, resume=resume,
+                                       read_history=run.read_metrics, best_metric=best),
+                          MetricsWriter(run)]
+        all_hooks += [Progress()] if progress else []
+        trainer = Trainer(step, self.state, arrays, epochs=self.epochs,
+                          batch_size=self.batch_size, seed=self.seed, preprocess=self.preprocess,
+                          mesh=self.mesh, evaluators=evaluators, hooks=[*all_hooks, StopOnSignal()],
+                          schedule=self.schedule, steps_per_dispatch=steps_per_dispatch)
+        state, history = trainer.fit()
+        if run is not None:
+            self._report(run, state, history, trainer.timing, summary, config)
+        return state, history
+
+    def _report(self, run: RunDir, state: TrainState, history: History, timing: dict,
+                summary: Callable | None, config: dict) -> None:
+        """summary.json (the last epoch, the caller's fields, timing, what made the run) and
+        the plot, the teacher's test accuracy as its reference line."""
+        report = {"params": count_params(state.params), "devices": self.mesh.size,
+                  "train_images": self.num_train, **history[-1],
+                  **(summary(state) if summary else {}), **timing,
+                  "environment": environment()}
+        run.write_summary(report)
+        job, model = report.get("job", config.get("job")), report.get("model", config.get("model"))
+        title = f"{job}: {model}"
+        run.write_plot(history, title, history[-1].get("teacher_test_accuracy"))
+
+
+def _open(workdir: str | Path | RunDir | None, config: dict, resume: bool,
+          overwrite: bool) -> RunDir | None:
+    if workdir is None or isinstance(workdir, RunDir):
+        return workdir
+    return RunDir.prepare(workdir, config, resume=resume, overwrite=overwrite,
+                          resumable=RESUMABLE)
+
+
+def _default_preprocessing(images: np.ndarray) -> Any:
+    """uint8 images are standardised by their own statistics; other arrays pass through."""
+    return standardizing(images) if images.dtype == np.uint8 else Passthrough()
+
+
+def _checked_labels(labels: Any, images: np.ndarray, what: str) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
+        raise KdError(f"{what}: expected {len(images)} integer labels (one per image), got "
+                      f"shape {labels.shape} of {labels.dtype}")
+    if len(labels) and labels.min() < 0:
+        raise KdError(f"{what}: labels must be >= 0, found {labels.min()}")
+    return labels.astype(np.int32)
