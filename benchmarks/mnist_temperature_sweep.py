@@ -23,8 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kd_jax.cli.config import DistillConfig, build_parser, resolve  # noqa: E402
-from kd_jax.errors import KdError  # noqa: E402
 from kd_jax.cli.jobs import distill  # noqa: E402
+from kd_jax.errors import KdError  # noqa: E402
 
 TEMPERATURES = (1.0, 2.0, 3.0, 4.0, 8.0, 12.0, 20.0)
 

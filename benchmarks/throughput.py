@@ -46,23 +46,23 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
-
-from kd_jax import conv as kd_conv  # noqa: E402
 from kd_jax.data import CIFAR10_MEAN, CIFAR10_STD, Augmentation  # noqa: E402
-from kd_jax.core.models import create_model, init_variables  # noqa: E402
 from kd_jax.train import (  # noqa: E402
     OptimizerSpec,
     check_divisible,
     compute_dtype,
     create_state,
     epoch_order,
-    make_distill_step,
+    hinton_step,
     make_mesh,
     make_optimizer,
     make_predict,
     make_teacher_step,
     run_steps,
 )
+
+from kd_jax import conv as kd_conv  # noqa: E402
+from kd_jax.core.models import create_model, init_variables  # noqa: E402
 
 IMAGE_SHAPE = (32, 32, 3)
 NUM_CLASSES = 10
@@ -170,7 +170,7 @@ def jax_train_case(kind: str, a: argparse.Namespace, spd: int, dtype: np.dtype) 
         teacher = create_model(a.model, NUM_CLASSES, a.width, dtype)
         model = create_model(a.student, NUM_CLASSES, a.student_width, dtype)
         teacher_vars = jax.device_put(init_variables(teacher, IMAGE_SHAPE, 1), replicated)
-        step, arrays = make_distill_step(teacher.apply, teacher_vars, TEMPERATURE), (images,)
+        step, arrays = hinton_step(teacher.apply, teacher_vars, TEMPERATURE), (images,)
     state = jax.device_put(create_state(model, init_variables(model, IMAGE_SHAPE, 0), tx),
                            replicated)
     key = jax.random.key(0)

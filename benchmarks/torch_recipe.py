@@ -25,10 +25,11 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import torch_resnet  # noqa: E402
-from kd_jax.cli.config import TeacherConfig  # noqa: E402
 from kd_jax.data import load_dataset  # noqa: E402
 from kd_jax.train import OptimizerSpec, make_optimizer  # noqa: E402
+
+from benchmarks import torch_resnet  # noqa: E402
+from kd_jax.cli.config import TeacherConfig  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

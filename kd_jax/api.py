@@ -35,14 +35,22 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from kd_jax.core.augment import Passthrough, standardizing
-from kd_jax.core.checkpoint import load_frozen
 from kd_jax.core.devices import make_mesh
 from kd_jax.core.evaluation import ClassificationEval, DistillationEval, make_predict
 from kd_jax.core.hooks import Checkpointer, MetricsWriter, Progress, StopOnSignal
+from kd_jax.core.losses import DistillLoss, make_loss
 from kd_jax.core.models import count_params
-from kd_jax.core.optim import Recipe, head_module, make_optimizer
+from kd_jax.core.optim import Recipe, make_optimizer
 from kd_jax.core.rundir import RunDir, environment
 from kd_jax.core.steps import TrainState, create_state, make_distill_step, make_teacher_step
+from kd_jax.core.teachers import (
+    COMBINE,
+    Ensemble,
+    Teacher,
+    ensemble_eval_logits,
+    make_ensemble,
+    per_teacher,
+)
 from kd_jax.core.trainer import Hook, Trainer
 from kd_jax.errors import KdError
 
@@ -54,26 +62,16 @@ RESUMABLE = frozenset({"resume", "overwrite", "progress", "workdir", "data_dir",
                        "checkpoint_every_steps"})
 
 
-@dataclass(frozen=True)
-class Teacher:
-    """A frozen model: ``apply_fn(variables, x, train=False) -> logits`` and its variables."""
-
-    apply_fn: Callable[..., jax.Array]
-    variables: dict
-
-    @classmethod
-    def from_workdir(cls, workdir: str | Path, model: nn.Module | None = None) -> Teacher:
-        """The model a kd-jax run trained (its weight average, if it kept one). ``model`` is
-        needed for a module of your own; registered models are rebuilt from config.json."""
-        frozen = load_frozen(workdir)
-        if model is None:
-            head = frozen.variables["params"][head_module(frozen.variables["params"])]
-            model = frozen.build(head["kernel"].shape[-1])
-        return cls(model.apply, frozen.variables)
+def as_teachers(teachers: Any) -> list[Teacher]:
+    """A list of :class:`Teacher` from one or a list of: a Teacher, an ``(apply_fn,
+    variables)`` pair, or a run's workdir."""
+    many = teachers if isinstance(teachers, list) else [teachers]
+    if not many:
+        raise KdError("distill needs at least one teacher")
+    return [_as_teacher(t) for t in many]
 
 
-def as_teacher(teacher: Teacher | tuple | str | Path) -> Teacher:
-    """A :class:`Teacher` from itself, an ``(apply_fn, variables)`` pair or a run's workdir."""
+def _as_teacher(teacher: Any) -> Teacher:
     if isinstance(teacher, Teacher):
         return teacher
     if isinstance(teacher, str | Path):
@@ -109,8 +107,9 @@ def train(model: nn.Module, images: np.ndarray, labels: np.ndarray, *,
                    steps_per_dispatch, summary)
 
 
-def distill(student: nn.Module, teachers: Teacher | tuple | str | Path, images: np.ndarray, *,
+def distill(student: nn.Module, teachers: Any, images: np.ndarray, *,
             labels: np.ndarray | None = None, temperature: float = 4.0, alpha: float = 1.0,
+            loss: str | DistillLoss = "kd", combine: str = "probs",
             eval_sets: EvalSets | None = None, recipe: Recipe = DEFAULT_RECIPE, epochs: int = 10,
             batch_size: int = 512, augmentation: Any = None, seed: int = 0,
             variables: dict | None = None, workdir: str | Path | RunDir | None = None,
@@ -118,32 +117,50 @@ def distill(student: nn.Module, teachers: Teacher | tuple | str | Path, images: 
             hooks: Sequence[Hook] = (), progress: bool = True, eval_batch_size: int = 1000,
             steps_per_dispatch: int = 0, config: dict | None = None,
             summary: Callable[[TrainState], dict] | None = None) -> tuple[TrainState, History]:
-    """Train ``student`` on the frozen teacher's softened outputs: ``T^2 * KL(p_t^T || p_s^T)``
-    (Hinton et al. 2015), the teacher seeing exactly the augmented batch the student sees.
+    """Train ``student`` on frozen teachers' softened outputs, by default Hinton et al.'s
+    ``T^2 * KL(p_t^T || p_s^T)``, every teacher seeing exactly the augmented batch the
+    student sees.
 
-    With ``alpha == 1`` (the default) no label is ever read: passing ``labels`` is an error,
-    and the step cannot take them. With ``alpha < 1``, ``(1 - alpha) * CE`` on ``labels`` at
-    T = 1 is added. Every eval set also reports the student's agreement with the teacher.
-    Other arguments as :func:`train`.
+    ``teachers``: one or a list of :class:`Teacher`, ``(apply_fn, variables)`` pairs or
+    workdirs. Several are an ensemble whose target is the mean of their softened
+    probabilities (``combine="probs"``, the paper's) or of their logits (``"logits"``).
+    ``loss``: a name in :data:`kd_jax.core.losses.LOSSES` (built at ``temperature``) or a
+    :class:`DistillLoss`. With ``alpha == 1`` (the default) and a loss that needs no labels,
+    no label is ever read: passing ``labels`` is an error, and the step cannot take them.
+    With ``alpha < 1``, ``(1 - alpha) * CE`` on ``labels`` at T = 1 is added. Every eval set
+    also reports the student's agreement with the (ensemble) teacher. Other arguments as
+    :func:`train`.
     """
-    if alpha == 1 and labels is not None:
-        raise KdError("alpha == 1 trains from the teacher alone: pass no labels")
-    if alpha != 1 and labels is None:
-        raise KdError(f"alpha = {alpha} < 1 mixes in a hard-label term: pass labels")
-    teacher = as_teacher(teachers)
+    loss = make_loss(loss, temperature) if isinstance(loss, str) else loss
+    _check_distill_labels(loss, alpha, labels)
+    if combine not in COMBINE:
+        raise KdError(f"combine must be {' or '.join(COMBINE)}, got {combine!r}")
     arrays = (images,) if labels is None else (images, _checked_labels(labels, images, "labels"))
     run = _Run(student, images, eval_sets, recipe, epochs, batch_size, augmentation, seed,
                variables, eval_batch_size)
-    teacher_variables = jax.tree.map(run.replicate, teacher.variables)
-    teacher_predict = make_predict(Applied(teacher.apply_fn), run.preprocess, eval_batch_size,
-                                   run.mesh)
+    ensemble = make_ensemble([Teacher(t.apply_fn, jax.tree.map(run.replicate, t.variables))
+                              for t in as_teachers(teachers)])
+    run.reference = "teacher" if ensemble.size == 1 else f"ensemble of {ensemble.size}"
     evaluators = [DistillationEval(ClassificationEval(name, x, y, run.predict),
-                                   np.asarray(teacher_predict(teacher_variables, x)))
+                                   run.ensemble_logits(ensemble, x, combine))
                   for name, x, y in run.eval_sets]
-    step = make_distill_step(teacher.apply_fn, teacher_variables, temperature, alpha)
-    config = config or run.describe("distill", temperature=temperature, alpha=alpha)
+    step = make_distill_step(ensemble, loss, alpha, combine)
+    config = config or run.describe("distill", temperature=temperature, alpha=alpha,
+                                    loss=loss.name, combine=combine, teachers=ensemble.size)
     return run.fit(step, arrays, evaluators, workdir, config, resume, overwrite,
                    checkpoint_every_steps, hooks, progress, steps_per_dispatch, summary)
+
+
+def _check_distill_labels(loss: DistillLoss, alpha: float, labels: np.ndarray | None) -> None:
+    if not 0 <= alpha <= 1:
+        raise KdError(f"alpha must be in [0, 1], got {alpha}")
+    if loss.needs_labels and labels is None:
+        raise KdError(f"loss {loss.name} needs the true class, so it cannot run label-free: "
+                      "pass labels")
+    if alpha == 1 and not loss.needs_labels and labels is not None:
+        raise KdError("alpha == 1 trains from the teacher alone: pass no labels")
+    if alpha != 1 and labels is None:
+        raise KdError(f"alpha = {alpha} < 1 mixes in a hard-label term: pass labels")
 
 
 def evaluate(model: nn.Module | Callable, variables: dict, images: np.ndarray,
@@ -179,7 +196,8 @@ class _Run:
         if epochs < 1 or batch_size < 1:
             raise KdError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
         self.model, self.recipe, self.epochs, self.batch_size = model, recipe, epochs, batch_size
-        self.seed, self.num_train = seed, len(images)
+        self.seed, self.num_train, self.eval_batch_size = seed, len(images), eval_batch_size
+        self.reference = "teacher"  # what the plot's reference line is
         self.mesh = make_mesh()
         self.preprocess = augmentation or _default_preprocessing(images)
         self.predict = make_predict(model, self.preprocess, eval_batch_size, self.mesh)
@@ -195,6 +213,19 @@ class _Run:
 
     def replicate(self, array: Any) -> jax.Array:
         return jax.device_put(array, NamedSharding(self.mesh, P()))
+
+    def ensemble_logits(self, ensemble: Ensemble, images: jax.Array,
+                        combine: str) -> np.ndarray:
+        """The (ensemble) teacher's logits on stored ``images``, for evaluation."""
+        per_group = []
+        for apply_fn, size, variables in zip(ensemble.apply_fns, ensemble.sizes,
+                                             ensemble.stacked, strict=True):
+            predict = make_predict(Applied(apply_fn), self.preprocess, self.eval_batch_size,
+                                   self.mesh)
+            unstack = lambda k, v=variables: jax.tree.map(lambda a: a[k], v)
+            per_group.append([np.asarray(predict(variables if size == 1 else unstack(k),
+                                                 images)) for k in range(size)])
+        return ensemble_eval_logits(per_teacher(ensemble, per_group), combine)
 
     def describe(self, job: str, **settings: Any) -> dict:
         """config.json of a run started from the API: its settings, not its arrays."""
@@ -233,7 +264,8 @@ class _Run:
         run.write_summary(report)
         job, model = report.get("job", config.get("job")), report.get("model", config.get("model"))
         title = f"{job}: {model}"
-        run.write_plot(history, title, history[-1].get("teacher_test_accuracy"))
+        run.write_plot(history, title, history[-1].get("teacher_test_accuracy"),
+                       self.reference)
 
 
 def _open(workdir: str | Path | RunDir | None, config: dict, resume: bool,

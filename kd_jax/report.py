@@ -83,8 +83,8 @@ def flops_per_image(apply, image_shape: Sequence[int]) -> float | None:  # noqa:
 
 
 def teacher_of(run: Path, config: dict) -> Path:
-    """The run's teacher: ``teacher_dir`` of a student, the run itself for a teacher."""
-    teacher = config.get("teacher_dir")
+    """The run's teacher: the first of a student's ``teachers``, the run itself for a teacher."""
+    teacher = (config.get("teachers") or [None])[0]
     if not teacher:
         return run
     teacher = Path(teacher)

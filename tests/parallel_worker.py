@@ -30,7 +30,7 @@ from kd_jax.core.optim import Recipe, make_optimizer  # noqa: E402
 from kd_jax.core.steps import (  # noqa: E402
     create_state,
     epoch_order,
-    make_distill_step,
+    hinton_step,
     make_teacher_step,
     run_steps,
 )
@@ -66,7 +66,7 @@ def train(kind: str, mesh: Mesh, dtype: str = "float32") -> tuple[dict, list[flo
         teacher = create_model("resnet8", 10, 8, dtype)
         teacher_vars = jax.tree.map(lambda a: global_array(np.asarray(a), mesh),
                                     init_variables(teacher, SHAPE, 1))
-        step, arrays = make_distill_step(teacher.apply, teacher_vars, 4.0), (images,)
+        step, arrays = hinton_step(teacher.apply, teacher_vars, 4.0), (images,)
     state = jax.tree.map(lambda a: global_array(np.asarray(a), mesh), state)
     arrays = tuple(global_array(a, mesh) for a in arrays)
     key = jax.random.key(0)

@@ -396,11 +396,11 @@ def test_resume_does_not_switch_to_a_newer_default_teacher(capsys, tmp_path, sav
              "--student-width", "4", "--batch-size", "16", "--eval-batch-size", "16",
              "--epochs", "1", "--no-progress"]
     # An interrupted distillation from the older teacher (its config written, nothing else).
-    interrupted = DistillConfig(teacher_dir=str(older), student="resnet8", student_width=4,
+    interrupted = DistillConfig(teachers=[str(older)], student="resnet8", student_width=4,
                                 batch_size=16, eval_batch_size=16, epochs=1,
                                 workdir=str(tmp_path / "student"))
     RunDir.prepare(tmp_path / "student", json.loads(to_json(interrupted)))
     shutil.copytree(saved_run, Path("runs") / "teacher-20270101-000000")
     assert error_of(distill, DistillConfig, [*flags, "--resume"], capsys) == (
-        f"{tmp_path / 'student'} holds a run with different settings (teacher_dir); resume "
+        f"{tmp_path / 'student'} holds a run with different settings (teachers); resume "
         "with the same settings or use another workdir")

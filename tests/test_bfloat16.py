@@ -9,7 +9,7 @@ import pytest
 
 from kd_jax.core.models import create_model, init_variables
 from kd_jax.core.optim import Recipe, make_optimizer
-from kd_jax.core.steps import create_state, make_distill_step, make_teacher_step
+from kd_jax.core.steps import create_state, hinton_step, make_teacher_step
 
 SHAPE = (8, 8, 3)
 
@@ -35,7 +35,7 @@ def test_bfloat16_steps_are_finite_and_learn(kind):
         args = (images, labels)
     else:
         teacher = create_model("resnet8", 10, 8, jnp.bfloat16)
-        step = make_distill_step(teacher.apply, init_variables(teacher, SHAPE, 1), 4.0)
+        step = hinton_step(teacher.apply, init_variables(teacher, SHAPE, 1), 4.0)
         args = (images,)
     jitted = jax.jit(lambda s, *a: step(s, *a, jax.random.key(0)))
     losses = []

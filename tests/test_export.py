@@ -57,7 +57,7 @@ def teacher_run(tmp_path_factory, data_dir):
 def student_run(tmp_path_factory, data_dir, teacher_run):
     workdir = tmp_path_factory.mktemp("runs") / "student"
     distill(DistillConfig(**_tiny(data_dir=data_dir, workdir=str(workdir),
-                                  teacher_dir=str(teacher_run), student="resnet8",
+                                  teachers=[str(teacher_run)], student="resnet8",
                                   student_width=4)))
     return workdir
 

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kd_jax.core.losses import cross_entropy, distillation_loss, tempered_kl
+from kd_jax.core.losses import cross_entropy, distillation_loss, make_loss, tempered_kl
 
 
 def softmax(z):
@@ -65,17 +65,18 @@ def test_hinton_mix_weights_the_soft_and_hard_terms():
     rng = np.random.default_rng(4)
     s, v = jnp.asarray(rng.normal(0, 2, (6, 10))), jnp.asarray(rng.normal(0, 2, (6, 10)))
     labels = jnp.asarray(rng.integers(0, 10, 6))
-    mixed = distillation_loss(s, v, 4.0, 0.7, labels)
+    target = jax.nn.log_softmax(v / 4.0)
+    mixed = distillation_loss(s, target, make_loss("kd", 4.0), 0.7, labels)
     expected = 0.7 * tempered_kl(s, v, 4.0) + 0.3 * cross_entropy(s, labels)
     assert float(mixed) == pytest.approx(float(expected), rel=1e-6)
 
 
 def test_alpha_one_refuses_labels_and_alpha_below_one_needs_them():
-    z = jnp.zeros((2, 10))
+    z, kd = jnp.zeros((2, 10)), make_loss("kd", 4.0)
     with pytest.raises(ValueError, match="pass no labels"):
-        distillation_loss(z, z, 4.0, 1.0, jnp.zeros(2, int))
+        distillation_loss(z, z, kd, 1.0, jnp.zeros(2, int))
     with pytest.raises(ValueError, match="labels are needed"):
-        distillation_loss(z, z, 4.0, 0.5)
+        distillation_loss(z, z, kd, 0.5)
 
 
 def test_cross_entropy_with_label_smoothing_matches_numpy():

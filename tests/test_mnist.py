@@ -238,7 +238,7 @@ def test_teacher_then_left_out_distillation_end_to_end(tmp_path, monkeypatch):
     jobs.train_teacher(TeacherConfig(model="mlp2", width=32, dropout=0.5, input_dropout=0.2,
                                      max_norm=3.0, workdir=str(tmp_path / "t"), **common))
     summary = jobs.distill(DistillConfig(student="mlp2", student_width=16, temperature=20.0,
-                                         teacher_dir="t", transfer_classes="7,8",
+                                         teachers=["t"], transfer_classes="7,8",
                                          bias_offset=7.6, holdout=64,
                                          workdir=str(tmp_path / "s"), **common))
     report = summary["omitted_class"]

@@ -2,7 +2,8 @@
 
 Each case runs the real CLI in a subprocess with ``$KD_JAX_FAULT`` (tests/faults.py: a hook
 installed by tests/fault_cli.py) set to SIGKILL it at an exact point, resumes it with
-``--resume``, and compares the final params (bytes) and metrics.jsonl (minus wall-clock fields) with an uninterrupted run of the same seed.
+``--resume``, and compares the final params (bytes) and metrics.jsonl (minus wall-clock
+fields) with an uninterrupted run of the same seed.
 A 320-image synthetic CIFAR folder, resnet8 at width 4, batch 32: 10 steps an epoch, 2 epochs.
 """
 

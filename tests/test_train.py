@@ -15,7 +15,7 @@ from kd_jax.core.losses import tempered_kl
 from kd_jax.core.models import create_model, init_variables
 from kd_jax.core.optim import Recipe, make_optimizer
 from kd_jax.core.rundir import RunDir
-from kd_jax.core.steps import create_state, make_distill_step, make_teacher_step
+from kd_jax.core.steps import create_state, hinton_step, make_teacher_step
 from kd_jax.errors import KdError
 
 AUG = Augmentation(0, False, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
@@ -53,7 +53,7 @@ def test_distill_step_drives_kl_down_and_never_touches_the_teacher():
     before = jax.tree.map(np.array, teacher_vars)
     _, state = small_state(4, seed=2)
     images, _ = fixed_batch()
-    step = make_distill_step(teacher.apply, teacher_vars, temperature=4.0)
+    step = hinton_step(teacher.apply, teacher_vars, 4.0)
     run = jax.jit(lambda step, state, images, rng: step(state, images, rng))
     teacher_logits = teacher.apply(teacher_vars, images)
 
@@ -73,11 +73,11 @@ def test_distill_step_drives_kl_down_and_never_touches_the_teacher():
 def test_label_free_step_cannot_receive_labels():
     teacher, state = small_state(4)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    step = make_distill_step(teacher.apply, variables, temperature=4.0)
+    step = hinton_step(teacher.apply, variables, 4.0)
     images, labels = fixed_batch(8)
     with pytest.raises(TypeError):
         step(state, images, labels, jax.random.key(0))
-    mixed = make_distill_step(teacher.apply, variables, temperature=4.0, alpha=0.5)
+    mixed = hinton_step(teacher.apply, variables, 4.0, alpha=0.5)
     mixed(state, images, labels, jax.random.key(0))  # the hard-label variant takes them
 
 
@@ -191,7 +191,7 @@ def test_student_never_sees_training_labels(tiny_cifar, tmp_path):
 
     def student(data_dir, name):
         jobs.distill(DistillConfig(data_dir=str(data_dir), workdir=str(tmp_path / name),
-                                   teacher_dir=str(teacher_dir), epochs=1, batch_size=40,
+                                   teachers=[str(teacher_dir)], epochs=1, batch_size=40,
                                    eval_batch_size=40, student="resnet8", student_width=4,
                                    progress=False))
         return params_of(tmp_path / name)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kd_jax.core.augment import PAD_MODES, TTA_MODES
+from kd_jax.core.teachers import COMBINE
 from kd_jax.errors import KdError
 
 
@@ -130,9 +131,14 @@ class TeacherConfig(RunConfig):
 class DistillConfig(RunConfig):
     """``distill.py``: a student trained on a frozen teacher's softened outputs."""
 
-    teacher_dir: str | None = None  # a teacher workdir; default the latest runs/teacher-*
+    # Teacher workdirs (flag --teacher-dir, once per teacher; YAML: a list); several are an
+    # ensemble. Default: the latest runs/teacher-*.
+    teachers: list[str] | None = dataclasses.field(default=None,
+                                                   metadata={"flag": "--teacher-dir"})
+    combine: str = "probs"  # an ensemble's target: the mean of probabilities, or of logits
     teacher_model: str | None = None  # if set, refuse a teacher of another architecture
     teacher_width: int | None = None  # if set, refuse a teacher of another width
+    loss: str = "kd"  # the distillation loss (kd_jax.core.losses.LOSSES)
     student: str = "resnet18"
     student_width: int | None = None
     temperature: float = 4.0
@@ -154,6 +160,8 @@ class DistillConfig(RunConfig):
             raise KdError(f"holdout must be >= 1, got {self.holdout}")
         if self.omit_class and self.transfer_classes:
             raise KdError("--omit-class and --transfer-classes exclude each other")
+        if self.combine not in COMBINE:
+            raise KdError(f"combine must be {' or '.join(COMBINE)}, got {self.combine!r}")
 
 
 def _field_types(cls: type) -> dict[str, type]:
@@ -162,13 +170,20 @@ def _field_types(cls: type) -> dict[str, type]:
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
         args = [a for a in typing.get_args(hint) if a is not type(None)]
-        out[f.name] = args[0] if args else hint
+        kind = args[0] if args else hint
+        out[f.name] = typing.get_origin(kind) or kind  # list[str] -> list
     return out
 
 
 def _coerce(name: str, value: Any, kind: type, source: str) -> Any:
     if value is None:
         return None
+    if kind is list:  # a list of strings; one string is a list of one
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+            raise KdError(f"{source}: {name} must be a string or a list of strings, got "
+                          f"{value!r}")
+        return items
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     is_bool = isinstance(value, bool)
@@ -209,10 +224,13 @@ def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="YAML file of config keys (flags override it)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    flags = {f.name: f.metadata.get("flag") for f in dataclasses.fields(cls)}
     for name, kind in _field_types(cls).items():
-        flag = "--" + name.replace("_", "-")
+        flag = flags[name] or "--" + name.replace("_", "-")
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        elif kind is list:
+            parser.add_argument(flag, dest=name, action="append", default=None, metavar="DIR")
         else:
             parser.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper())
     return parser

@@ -31,6 +31,7 @@ from kd_jax.core.conv import CpuConv
 from kd_jax.core.data import Dataset, load_dataset
 from kd_jax.core.devices import check_batch_size, compute_dtype, make_mesh
 from kd_jax.core.evaluation import make_predict
+from kd_jax.core.losses import make_loss
 from kd_jax.core.models import (
     create_model,
     init_variables,
@@ -172,6 +173,25 @@ class _Job:
                 figures |= {f"{k}_tta": v for k, v in scores.items()}
         return figures
 
+    def teacher_figures(self, student, state: TrainState, workdirs: Sequence[str],
+                        named: Sequence[tuple[str, api.Teacher]]) -> list[dict]:
+        """Each teacher's test accuracy and per-class accuracy, and the student's agreement
+        with it (the ensemble's figures are the rows' ``teacher_test_accuracy`` and
+        ``agreement``)."""
+        test_images, test_labels = self.eval_sets["test"]
+        ours = self.logits(student.apply, state.inference_variables(), test_images)
+        found = []
+        for workdir, (name, teacher) in zip(workdirs, named, strict=True):
+            theirs = self.logits(teacher.apply_fn, teacher.variables, test_images)
+            found.append({
+                "workdir": str(workdir), "model": name,
+                "test_accuracy": metrics.classification_metrics(theirs, test_labels)[
+                    "test_accuracy"],
+                "agreement": metrics.agreement(ours, theirs),
+                "per_class_accuracy": metrics.per_class_accuracy(theirs, test_labels,
+                                                                 self.dataset.class_names)})
+        return found
+
     def omitted_class(self, student, state: TrainState, held_out: np.ndarray,
                       omit: list[int]) -> dict:
         """:func:`omitted_class_report` of the student: its offset chosen on ``held_out``."""
@@ -272,32 +292,34 @@ def restore_teacher(workdir: str | Path, job: _Job) -> tuple[str, api.Teacher]:
 
 
 def distill(config: DistillConfig, hooks: Sequence[Hook] = ()) -> dict:
-    """Train a student on a frozen teacher's softened outputs; returns (and writes) the summary."""
-    if config.teacher_dir is None:
+    """Train a student on frozen teachers' softened outputs; returns (and writes) the summary."""
+    if not config.teachers:
         # Record which teacher "the latest" was: a --resume must not pick up a newer one.
-        config = dataclasses.replace(config, teacher_dir=str(latest_run("teacher")))
+        config = dataclasses.replace(config, teachers=[str(latest_run("teacher"))])
     job = _Job(config, "distill")
     student = job.model(config.student, config.student_width)
+    loss = make_loss(config.loss, config.temperature)
     omit = left_out_classes(job.dataset, config)
-    teacher_name, teacher = restore_teacher(config.teacher_dir, job)
+    named = [restore_teacher(workdir, job) for workdir in config.teachers]
+    teachers = [teacher for _, teacher in named]
     transfer, held_out = split_transfer_set(job.train_labels, omit, config.holdout)
     images = job.train_images[transfer]
-    # Labels are handed over only when a hard-label term asks for them.
-    labels = None if config.alpha == 1 else job.train_labels[transfer]
+    # Labels are handed over only when a hard-label term or the loss asks for them.
+    needs_labels = config.alpha != 1 or loss.needs_labels
+    labels = job.train_labels[transfer] if needs_labels else None
 
     def figures(state: TrainState) -> dict:
         found = {**job.figures(student, state, config.student), "transfer_images": len(transfer),
-                 "teacher_dir": str(config.teacher_dir), "teacher_model": teacher_name,
-                 "temperature": config.temperature, "alpha": config.alpha,
-                 "teacher_per_class_accuracy": job.per_class(teacher.apply_fn,
-                                                             teacher.variables)}
+                 "teachers": job.teacher_figures(student, state, config.teachers, named),
+                 "temperature": config.temperature, "alpha": config.alpha, "loss": loss.name,
+                 "combine": config.combine}
         if omit:
             found["omitted_class"] = job.omitted_class(student, state, held_out, omit)
         return found
 
     job.open_run(len(transfer))
-    _, history = api.distill(student, teacher, images, labels=labels,
-                             temperature=config.temperature, alpha=config.alpha,
+    _, history = api.distill(student, teachers, images, labels=labels, loss=loss,
+                             alpha=config.alpha, combine=config.combine,
                              **job.settings(student, images, hooks, figures))
     return job.finish(history, ["distill_loss", "test_accuracy", "agreement", "test_kl",
                                 "epoch_seconds"])

@@ -6,8 +6,9 @@ from pathlib import Path
 
 
 def plot_history(history: list[dict], path: Path, title: str,
-                 reference_accuracy: float | None = None) -> None:
-    """Loss and accuracy against epoch; ``reference_accuracy`` (the teacher's) as a dashed line.
+                 reference_accuracy: float | None = None, reference: str = "teacher") -> None:
+    """Loss and accuracy against epoch; ``reference_accuracy`` (the teacher's, or an
+    ensemble's: ``reference`` names it) as a dashed line.
 
     Skipped with a note where matplotlib is missing (e.g. a bare accelerator image): the
     metrics are on disk and can be plotted later.
@@ -31,7 +32,7 @@ def plot_history(history: list[dict], path: Path, title: str,
             acc_ax.plot(epochs, [100 * row[key] for row in history], marker="o", label=key)
     if reference_accuracy is not None:
         acc_ax.axhline(100 * reference_accuracy, color="gray", linestyle="--",
-                       label=f"teacher {100 * reference_accuracy:.2f}%")
+                       label=f"{reference} {100 * reference_accuracy:.2f}%")
     loss_ax.set(xlabel="epoch", ylabel="loss", title="loss")
     acc_ax.set(xlabel="epoch", ylabel="%", title="accuracy")
     for ax in (loss_ax, acc_ax):

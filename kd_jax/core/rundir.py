@@ -88,8 +88,8 @@ class RunDir:
         _atomic_write(self.summary_path, json.dumps(summary, indent=2) + "\n")
 
     def write_plot(self, history: list[dict], title: str,
-                   reference_accuracy: float | None = None) -> None:
-        plot_history(history, self.plot_path, title, reference_accuracy)
+                   reference_accuracy: float | None = None, reference: str = "teacher") -> None:
+        plot_history(history, self.plot_path, title, reference_accuracy, reference)
 
 
 class ReaderRunDir(RunDir):
@@ -103,7 +103,7 @@ class ReaderRunDir(RunDir):
         pass
 
     def write_plot(self, history: list[dict], title: str,
-                   reference_accuracy: float | None = None) -> None:
+                   reference_accuracy: float | None = None, reference: str = "teacher") -> None:
         pass
 
 

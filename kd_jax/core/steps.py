@@ -23,7 +23,20 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from kd_jax.core.augment import Augmentation
-from kd_jax.core.losses import cross_entropy, distillation_loss
+from kd_jax.core.losses import (
+    DistillLoss,
+    cross_entropy,
+    distillation_loss,
+    make_loss,
+    standardize,
+)
+from kd_jax.core.teachers import (
+    Ensemble,
+    Teacher,
+    make_ensemble,
+    target_log_probs,
+    teacher_logits,
+)
 
 Metrics = dict[str, jax.Array]
 StepFn = Callable[..., tuple["TrainState", Metrics]]
@@ -99,40 +112,51 @@ def teacher_step(state: TrainState, images: jax.Array, labels: jax.Array, rng: j
     return state, {"train_loss": loss, "train_accuracy": accuracy}
 
 
-def _soft_step(teacher_apply: Callable, temperature: float, alpha: float, teacher_variables: dict,
-               state: TrainState, images: jax.Array, labels: jax.Array | None,
-               rng: jax.Array) -> tuple[TrainState, Metrics]:
-    teacher_logits = jax.lax.stop_gradient(teacher_apply(teacher_variables, images, train=False))
-    state, loss, logits = _descend(
-        state, images, rng,
-        lambda logits: distillation_loss(logits, teacher_logits, temperature, alpha, labels))
-    agreement = jnp.mean(jnp.argmax(logits, -1) == jnp.argmax(teacher_logits, -1))
-    return state, {"distill_loss": loss, "train_agreement": agreement}
+def _soft_step(ensemble: tuple, loss: DistillLoss, alpha: float, combine: str,
+               teacher_variables: tuple, state: TrainState, images: jax.Array,
+               labels: jax.Array | None, rng: jax.Array) -> tuple[TrainState, Metrics]:
+    apply_fns, sizes = ensemble
+    logits = teacher_logits(apply_fns, sizes, teacher_variables, images)
+    target = target_log_probs(logits, loss.temperature, combine,
+                              standardize if loss.standardize else None)
+    state, value, student = _descend(
+        state, images, rng, lambda s: distillation_loss(s, target, loss, alpha, labels))
+    agreement = jnp.mean(jnp.argmax(student, -1) == jnp.argmax(target, -1))
+    return state, {"distill_loss": value, "train_agreement": agreement}
 
 
-def _label_free_step(teacher_apply, temperature, teacher_variables, state, images, rng):
-    return _soft_step(teacher_apply, temperature, 1.0, teacher_variables, state, images, None, rng)
+def _label_free_step(ensemble, loss, combine, teacher_variables, state, images, rng):
+    return _soft_step(ensemble, loss, 1.0, combine, teacher_variables, state, images, None, rng)
 
 
-def make_distill_step(teacher_apply: Callable, teacher_variables: dict, temperature: float,
-                      alpha: float = 1.0) -> StepFn:
-    """The student's step, closing over the frozen teacher.
+def make_distill_step(teachers: Ensemble, loss: DistillLoss, alpha: float = 1.0,
+                      combine: str = "probs") -> StepFn:
+    """The student's step, closing over the frozen teachers.
 
-    The teacher runs in inference mode on exactly the augmented batch the student sees, and
-    only the student is differentiated. With ``alpha == 1`` the step is
-    ``step(state, images, rng)``: it has no way to receive labels; otherwise
+    The teachers run in inference mode on exactly the augmented batch the student sees, and
+    only the student is differentiated; their target is the ensemble's (see
+    :mod:`kd_jax.core.teachers`). With ``alpha == 1`` and a loss that needs no labels the
+    step is ``step(state, images, rng)``: it has no way to receive labels; otherwise
     ``step(state, images, labels, rng)``.
 
-    The closure is a ``jax.tree_util.Partial``: a pytree whose leaves are the teacher's
+    The closure is a ``jax.tree_util.Partial``: a pytree whose leaves are the teachers'
     arrays, so when the step is handed to a jitted program they enter it as arguments. A plain
-    Python closure would bake ~45 MB of ResNet-18 weights into the compiled program as
-    constants. Nothing ever updates them: the teacher stays bit-identical.
+    Python closure would bake ~45 MB per ResNet-18 into the compiled program as constants.
+    Nothing ever updates them: the teachers stay bit-identical.
     """
-    if alpha == 1.0:
-        step = partial(_label_free_step, teacher_apply, temperature)
+    static = (teachers.apply_fns, teachers.sizes)
+    if alpha == 1.0 and not loss.needs_labels:
+        step = partial(_label_free_step, static, loss, combine)
     else:
-        step = partial(_soft_step, teacher_apply, temperature, alpha)
-    return jax.tree_util.Partial(step, teacher_variables)
+        step = partial(_soft_step, static, loss, alpha, combine)
+    return jax.tree_util.Partial(step, teachers.stacked)
+
+
+def hinton_step(teacher_apply: Callable, teacher_variables: dict, temperature: float,
+                alpha: float = 1.0) -> StepFn:
+    """:func:`make_distill_step` for one teacher and Hinton's loss at ``temperature``."""
+    return make_distill_step(make_ensemble([Teacher(teacher_apply, teacher_variables)]),
+                             make_loss("kd", temperature), alpha)
 
 
 def make_teacher_step(label_smoothing: float = 0.0) -> StepFn:

@@ -1,0 +1,148 @@
+"""Frozen teachers, one or several, and the soft target they give a student.
+
+A :class:`Teacher` is an apply function and its variables. Several teachers are an ensemble
+(Hinton et al. 2015, sec. 4): teachers of one architecture (same apply function, same
+variable shapes) are stacked along a new leading axis and run as one ``vmap``ped forward, one
+compiled program whatever their number; groups of different architectures run one after the
+other inside the same jitted step. Every teacher sees exactly the student's batch, in
+inference mode.
+
+The ensemble's prediction is the arithmetic mean of the teachers' temperature-softened
+probabilities, as the paper forms it (``combine="probs"``, the default: it is the ensemble
+whose accuracy the paper reports, and a confident teacher cannot veto the others' second
+choices); ``combine="logits"`` averages the logits instead (a normalised geometric mean of
+the probabilities).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kd_jax.core.checkpoint import load_frozen
+from kd_jax.core.optim import head_module
+
+COMBINE = ("probs", "logits")
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """A frozen model: ``apply_fn(variables, x, train=False) -> logits`` and its variables."""
+
+    apply_fn: Callable[..., jax.Array]
+    variables: dict
+
+    @classmethod
+    def from_workdir(cls, workdir: str | Path, model: nn.Module | None = None) -> Teacher:
+        """The model a kd-jax run trained (its weight average, if it kept one). ``model`` is
+        needed for a module of your own; registered models are rebuilt from config.json."""
+        frozen = load_frozen(workdir)
+        if model is None:
+            params = frozen.variables["params"]
+            model = frozen.build(params[head_module(params)]["kernel"].shape[-1])
+        return cls(model.apply, frozen.variables)
+
+
+@dataclass(frozen=True)
+class Ensemble:
+    """Teachers grouped by architecture: ``apply_fns[g]`` runs every teacher of group ``g``,
+    whose variables are stacked in ``stacked[g]`` (leading axis: the group's teachers), except
+    that a group of one keeps its variables as they are and runs without ``vmap`` (the
+    single-teacher step is exactly the plain forward).
+
+    ``stacked`` is what a jitted step receives as arguments (pytree leaves); the apply
+    functions are static.
+    """
+
+    apply_fns: tuple[Callable[..., jax.Array], ...]
+    stacked: tuple[dict, ...]
+    sizes: tuple[int, ...]  # teachers per group
+    order: tuple[tuple[int, int], ...]  # teacher i -> (group, index in group), input order
+
+    @property
+    def size(self) -> int:
+        return len(self.order)
+
+
+def _signature(teacher: Teacher) -> tuple:
+    """Teachers with equal signatures run as one stacked forward. A bound ``Module.apply`` is
+    keyed by its module, which compares by fields: two restores of one architecture match."""
+    fn = teacher.apply_fn
+    key = (fn.__func__, fn.__self__) if hasattr(fn, "__self__") else fn
+    shapes = jax.tree.map(lambda a: (tuple(np.shape(a)), str(jnp.asarray(a).dtype)),
+                          teacher.variables)
+    return key, jax.tree.structure(teacher.variables), str(shapes)
+
+
+def make_ensemble(teachers: Sequence[Teacher]) -> Ensemble:
+    """Group ``teachers`` by architecture and stack each group's variables."""
+    groups: dict[tuple, list[int]] = {}
+    for i, teacher in enumerate(teachers):
+        groups.setdefault(_signature(teacher), []).append(i)
+    apply_fns, stacked, sizes, order = [], [], [], [None] * len(teachers)
+    for g, members in enumerate(groups.values()):
+        apply_fns.append(teachers[members[0]].apply_fn)
+        if len(members) == 1:
+            stacked.append(teachers[members[0]].variables)
+        else:
+            stacked.append(jax.tree.map(lambda *leaves: jnp.stack(leaves),
+                                        *(teachers[i].variables for i in members)))
+        sizes.append(len(members))
+        for k, i in enumerate(members):
+            order[i] = (g, k)
+    return Ensemble(tuple(apply_fns), tuple(stacked), tuple(sizes), tuple(order))
+
+
+def teacher_logits(apply_fns: Sequence[Callable], sizes: Sequence[int],
+                   stacked: Sequence[dict], inputs: jax.Array) -> list[jax.Array]:
+    """Each group's logits, float32 [teachers in group, batch, classes], gradients stopped."""
+    out = []
+    for apply_fn, size, variables in zip(apply_fns, sizes, stacked, strict=True):
+        forward = lambda v, apply_fn=apply_fn: apply_fn(v, inputs, train=False)
+        logits = jax.vmap(forward)(variables) if size > 1 else forward(variables)[None]
+        out.append(jax.lax.stop_gradient(logits.astype(jnp.float32)))
+    return out
+
+
+def target_log_probs(logits: Sequence[jax.Array], temperature: float, combine: str = "probs",
+                     transform: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
+    """The ensemble's log-probabilities at ``temperature`` from the groups' logits.
+
+    ``transform`` (e.g. logit standardisation) is applied to each teacher's logits first. One
+    teacher gives ``log_softmax(t / T)`` exactly, whichever ``combine``.
+    """
+    every = jnp.concatenate(logits)  # [teachers, batch, classes]
+    if transform is not None:
+        every = transform(every)
+    if every.shape[0] == 1:
+        return jax.nn.log_softmax(every[0] / temperature)
+    if combine == "logits":
+        return jax.nn.log_softmax(jnp.mean(every, axis=0) / temperature)
+    log_probs = jax.nn.log_softmax(every / temperature)
+    return jax.nn.logsumexp(log_probs, axis=0) - jnp.log(every.shape[0])
+
+
+def ensemble_eval_logits(per_teacher: Sequence[np.ndarray], combine: str = "probs") -> np.ndarray:
+    """What evaluation compares the student with: the ensemble's log-probabilities at T = 1
+    (one teacher: its logits), as host float64."""
+    if len(per_teacher) == 1:
+        return np.asarray(per_teacher[0])
+    stacked = np.stack([np.asarray(t, np.float64) for t in per_teacher])
+    if combine == "logits":
+        return stacked.mean(0)
+    shifted = stacked - stacked.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    peak = log_probs.max(0)
+    return peak + np.log(np.exp(log_probs - peak).mean(0))
+
+
+def per_teacher(ensemble: Ensemble, group_outputs: Sequence[Any]) -> list[Any]:
+    """Group-stacked outputs back in the teachers' input order."""
+    return [group_outputs[g][k] for g, k in ensemble.order]
