@@ -1,6 +1,6 @@
 """Images per second of kd-jax's teacher step, distill step and evaluation, beside PyTorch.
 
-Times exactly what training runs: ``kd_jax.train.run_steps`` (batch gathered from device-resident
+Times exactly what training runs: ``kd_jax.core.steps.run_steps`` (batch gathered from device-resident
 uint8 images, augmented and normalised inside jit, then the step) and ``make_predict``, on random
 data, after compilation; compile time is reported apart. ``--compare-torch`` times the same
 ResNet in PyTorch eager (optionally channels_last / bf16 autocast / torch.compile) in the same
@@ -38,38 +38,35 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))  # torch_resnet
 
-import kd_jax.cli.runtime  # noqa: E402,F401  (sets the fast CPU XLA flags: must precede jax)
-
-# isort: split
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
-from kd_jax.data import CIFAR10_MEAN, CIFAR10_STD, Augmentation  # noqa: E402
-from kd_jax.train import (  # noqa: E402
-    OptimizerSpec,
-    check_divisible,
-    compute_dtype,
+
+from kd_jax.cli import runtime  # noqa: E402
+from kd_jax.core.augment import Augmentation  # noqa: E402
+from kd_jax.core.conv import CpuConv  # noqa: E402
+from kd_jax.core.data import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
+from kd_jax.core.devices import check_divisible, compute_dtype, make_mesh  # noqa: E402
+from kd_jax.core.evaluation import make_predict  # noqa: E402
+from kd_jax.core.models import create_model, init_variables  # noqa: E402
+from kd_jax.core.optim import Recipe, make_optimizer  # noqa: E402
+from kd_jax.core.steps import (  # noqa: E402
     create_state,
     epoch_order,
     hinton_step,
-    make_mesh,
-    make_optimizer,
-    make_predict,
     make_teacher_step,
     run_steps,
 )
-
-from kd_jax import conv as kd_conv  # noqa: E402
-from kd_jax.core.models import create_model, init_variables  # noqa: E402
 
 IMAGE_SHAPE = (32, 32, 3)
 NUM_CLASSES = 10
 TEMPERATURE = 4.0
 KINDS = ("teacher", "distill", "eval")
-# kd: kd_jax's convolution (im2col kernel gradient on CPU); xla: XLA's own, for comparison
-CONVS = {"kd": kd_conv.conv_general_dilated, "xla": jax.lax.conv_general_dilated}
+# kd: kd_jax's CPU convolution (im2col kernel gradient, bf16 matrix products); xla: XLA's own
+CONVS = {"kd": CpuConv, "xla": nn.Conv}
 
 
 @dataclass
@@ -117,26 +114,21 @@ class Case:
 def _flops(fn: Callable, *args) -> float | None:
     """XLA's FLOP count of ``fn(*args)`` (unoptimised HLO, so nothing is fused away).
 
-    Counted with XLA's own convolutions: kd_jax.conv's kernel gradient loops over chunks of
-    the batch, and cost analysis counts a loop's body once. The arithmetic is the same.
-    jax raises NotImplementedError from ``Lowered.cost_analysis`` on backends behind the PJRT
-    C API (the CUDA plugin; the H200 run of 2026-11-26 printed no FLOPs), so there the count
-    falls back to the compiled program's.
+    Callers pass ``fn`` built with XLA's own convolutions (``conv="xla"``): kd_jax's kernel
+    gradient loops over chunks of the batch, and cost analysis counts a loop's body once. The
+    arithmetic is the same. jax raises NotImplementedError from ``Lowered.cost_analysis`` on
+    backends behind the PJRT C API (the CUDA plugin; the H200 run of 2026-11-26 printed no
+    FLOPs), so there the count falls back to the compiled program's.
     """
-    current = kd_conv.conv_general_dilated
-    kd_conv.conv_general_dilated = jax.lax.conv_general_dilated  # read when the model is traced
-    try:
-        lowered = jax.jit(fn).lower(*args)
-        for count in (lowered.cost_analysis, lambda: lowered.compile().cost_analysis()):
-            try:
-                analysis = count()
-                analysis = analysis[0] if isinstance(analysis, list) else analysis
-                return float(analysis["flops"])
-            except Exception:  # cost analysis is best-effort on some backends
-                continue
-        return None
-    finally:
-        kd_conv.conv_general_dilated = current
+    lowered = jax.jit(fn).lower(*args)
+    for count in (lowered.cost_analysis, lambda: lowered.compile().cost_analysis()):
+        try:
+            analysis = count()
+            analysis = analysis[0] if isinstance(analysis, list) else analysis
+            return float(analysis["flops"])
+        except Exception:  # cost analysis is best-effort on some backends
+            continue
+    return None
 
 
 def _dispatch_seconds(args: tuple, repeats: int = 200) -> float:
@@ -153,7 +145,26 @@ def _dispatch_seconds(args: tuple, repeats: int = 200) -> float:
     return statistics.median(times)
 
 
-def jax_train_case(kind: str, a: argparse.Namespace, spd: int, dtype: np.dtype) -> Case:
+def _train_step(kind: str, a: argparse.Namespace, dtype: np.dtype, conv: type,
+                arrays: tuple, replicated: NamedSharding) -> tuple:
+    """(step, initial state, the step's arrays) of a teacher or distill case, built with
+    ``conv`` as every model's convolution."""
+    tx, _ = make_optimizer(Recipe(0.1, weight_decay=5e-4, warmup_fraction=0), 10**6)
+    build = lambda name, width: create_model(name, NUM_CLASSES, width, dtype, conv=conv)
+    if kind == "teacher":
+        model = build(a.model, a.width)
+        step, arrays = make_teacher_step(), arrays
+    else:
+        teacher, model = build(a.model, a.width), build(a.student, a.student_width)
+        teacher_vars = jax.device_put(init_variables(teacher, IMAGE_SHAPE, 1), replicated)
+        step, arrays = hinton_step(teacher.apply, teacher_vars, TEMPERATURE), arrays[:1]
+    state = jax.device_put(create_state(model, init_variables(model, IMAGE_SHAPE, 0), tx),
+                           replicated)
+    return step, state, arrays
+
+
+def jax_train_case(kind: str, a: argparse.Namespace, spd: int, dtype: np.dtype,
+                   conv: str) -> Case:
     """A teacher or distill dispatch of ``spd`` steps through ``run_steps``, compiled."""
     mesh = make_mesh()
     check_divisible(a.batch_size, mesh)
@@ -162,22 +173,13 @@ def jax_train_case(kind: str, a: argparse.Namespace, spd: int, dtype: np.dtype) 
     replicated = NamedSharding(mesh, P())
     images = jax.device_put(rng.integers(0, 256, (n, *IMAGE_SHAPE), np.uint8), replicated)
     labels = jax.device_put(rng.integers(0, NUM_CLASSES, n).astype(np.int32), replicated)
-    tx, _ = make_optimizer(OptimizerSpec(0.1, weight_decay=5e-4, warmup_fraction=0), 10**6)
-    if kind == "teacher":
-        model = create_model(a.model, NUM_CLASSES, a.width, dtype)
-        step, arrays = make_teacher_step(), (images, labels)
-    else:
-        teacher = create_model(a.model, NUM_CLASSES, a.width, dtype)
-        model = create_model(a.student, NUM_CLASSES, a.student_width, dtype)
-        teacher_vars = jax.device_put(init_variables(teacher, IMAGE_SHAPE, 1), replicated)
-        step, arrays = hinton_step(teacher.apply, teacher_vars, TEMPERATURE), (images,)
-    state = jax.device_put(create_state(model, init_variables(model, IMAGE_SHAPE, 0), tx),
-                           replicated)
+    step, state, arrays = _train_step(kind, a, dtype, CONVS[conv], (images, labels), replicated)
     key = jax.random.key(0)
     order = epoch_order(key, 0, n, a.batch_size, spd)
     call_args = (step, state, arrays, order, np.int32(spd), np.int32(0), key)
+    counted, counted_state, _ = _train_step(kind, a, dtype, nn.Conv, arrays, replicated)
     batch = tuple(x[: a.batch_size] for x in arrays)
-    flops = _flops(lambda s, *b: step(s, *b), state, *batch, key)
+    flops = _flops(lambda s, *b: counted(s, *b), counted_state, *batch, key)
     dispatch = _dispatch_seconds(call_args)
 
     start = time.perf_counter()
@@ -198,10 +200,11 @@ def jax_train_case(kind: str, a: argparse.Namespace, spd: int, dtype: np.dtype) 
                 None if flops is None else flops / a.batch_size, dispatch)
 
 
-def jax_eval_case(a: argparse.Namespace, spd: int, dtype: np.dtype) -> Case:
-    """``make_predict`` over ``spd`` batches per dispatch."""
+def jax_eval_case(a: argparse.Namespace, spd: int, dtype: np.dtype, conv: str) -> Case:
+    """``make_predict`` over ``spd`` batches per dispatch (a forward: the convolution choice
+    changes no FLOP count)."""
     mesh = make_mesh()
-    model = create_model(a.model, NUM_CLASSES, a.width, dtype)
+    model = create_model(a.model, NUM_CLASSES, a.width, dtype, conv=CONVS[conv])
     augmentation = Augmentation(4, True, CIFAR10_MEAN, CIFAR10_STD)
     predict = make_predict(model, augmentation, a.batch_size, mesh)
     replicated = NamedSharding(mesh, P())
@@ -412,6 +415,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    runtime.configure()  # one XLA device per core, before jax starts its backend
     a = parse_args(argv)
     env = environment()
     print(f"jax {env['jax']} on {env['devices']} x {env['device_kind']} ({env['backend']}), "
@@ -420,11 +424,10 @@ def main(argv: list[str] | None = None) -> int:
           f"batch {a.batch_size}, dtype {', '.join(d.name for d in a.dtypes)}", flush=True)
     cases = []
     for conv, dtype in itertools.product(a.convs, a.dtypes):
-        kd_conv.conv_general_dilated = CONVS[conv]  # read when the model is traced
         for kind in a.kinds:
             for spd in a.spds:
-                case = (jax_eval_case(a, spd, dtype) if kind == "eval"
-                        else jax_train_case(kind, a, spd, dtype))
+                case = (jax_eval_case(a, spd, dtype, conv) if kind == "eval"
+                        else jax_train_case(kind, a, spd, dtype, conv))
                 case.variant += "" if len(a.dtypes) == 1 else f" {dtype.name}"
                 case.variant += "" if conv == "kd" else f" conv={conv}"
                 cases.append(case)
