@@ -1,8 +1,8 @@
 """Images per second of kd-jax's teacher step, distill step and evaluation, beside PyTorch.
 
-Times exactly what training runs: ``kd_jax.core.steps.run_steps`` (batch gathered from device-resident
-uint8 images, augmented and normalised inside jit, then the step) and ``make_predict``, on random
-data, after compilation; compile time is reported apart. ``--compare-torch`` times the same
+Times exactly what training runs: ``kd_jax.core.steps.run_steps`` (batch gathered from
+device-resident uint8 images, augmented and normalised inside jit, then the step) and
+``make_predict``, on random data, after compilation; compile time is reported apart. ``--compare-torch`` times the same
 ResNet in PyTorch eager (optionally channels_last / bf16 autocast / torch.compile) in the same
 process, interleaved with the JAX cases repeat by repeat so that both see the same machine load,
 and prints JAX's ratio to each. Needs no dataset, no tensorflow-datasets and no network.
