@@ -36,7 +36,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))  # torch_resnet
 
 import kd_jax.cli.runtime  # noqa: E402,F401  (sets the fast CPU XLA flags: must precede jax)
 
@@ -250,8 +249,9 @@ def torch_cases(a: argparse.Namespace, kinds: list[str]) -> list[Case]:
 def torch_case(kind: str, variant: str, features: set[str], a: argparse.Namespace) -> Case:
     """One PyTorch step (train, distill or inference) on a fixed random batch."""
     import torch
-    import torch_resnet
     from torch.nn import functional as F
+
+    from kd_jax import torch_resnet
 
     device = "cuda" if torch.cuda.is_available() and jax.default_backend() == "gpu" else "cpu"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)

@@ -25,7 +25,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import torch_resnet  # noqa: E402
+from kd_jax import torch_resnet  # noqa: E402
 from kd_jax.cli.config import TeacherConfig  # noqa: E402
 from kd_jax.data import load_dataset  # noqa: E402
 from kd_jax.train import OptimizerSpec, make_optimizer  # noqa: E402
