@@ -189,21 +189,32 @@ def test_relative_check_accepts_float_reordering_noise_at_any_scale():
     assert not export.compare_logits(off, reference).passed
 
 
-def test_check_refuses_an_export_with_perturbed_weights(onnx_file, teacher_run, data_dir,
-                                                        tmp_path):
-    """A wrong export (one convolution's weights 1% off) fails the check; the real one passes."""
+def _with_initializer(proto, tensor_name, change):
+    tensor = next(t for t in proto.graph.initializer if t.name == tensor_name)
+    tensor.CopyFrom(onnx.numpy_helper.from_array(change(onnx.numpy_helper.to_array(tensor)),
+                                                 tensor.name))
+
+
+@pytest.mark.parametrize("wrong", ["first conv weights x 1.01", "every logit + 1e-3 of max"])
+def test_check_refuses_a_wrong_export(onnx_file, teacher_run, data_dir, reference, tmp_path,
+                                      wrong):
+    """A deliberately wrong file fails the check; the real one passes. Adding the same amount
+    to every logit leaves every top-1 as it was: only the logit bound can refuse it."""
     model = export.load_inference_model(teacher_run, data_dir)
-    images = model.dataset.test_images
+    images, expected = reference
     assert export.check_export(onnx_file, "onnx", model, images, 100).passed
     proto = onnx.load(onnx_file)
-    first_conv = next(node for node in proto.graph.node if node.op_type == "Conv")
-    weight = next(t for t in proto.graph.initializer if t.name == first_conv.input[1])
-    weight.CopyFrom(onnx.numpy_helper.from_array(
-        onnx.numpy_helper.to_array(weight) * np.float32(1.01), weight.name))
-    wrong = tmp_path / "wrong.onnx"
-    onnx.save(proto, wrong)
-    result = export.check_export(wrong, "onnx", model, images, 100)
-    assert result.relative_diff > 10 * export.MAX_RELATIVE_DIFF and not result.passed
+    nodes = {node.op_type: node for node in reversed(proto.graph.node)}  # the first of each
+    if wrong.startswith("first conv"):
+        _with_initializer(proto, nodes["Conv"].input[1], lambda w: w * np.float32(1.01))
+    else:
+        shift = np.float32(1e-3 * np.abs(expected).max())
+        _with_initializer(proto, nodes["Gemm"].input[2], lambda b: b + shift)
+    onnx.save(proto, tmp_path / "wrong.onnx")
+    result = export.check_export(tmp_path / "wrong.onnx", "onnx", model, images, 100)
+    assert result.relative_diff > 5 * export.MAX_RELATIVE_DIFF and not result.passed
+    if not wrong.startswith("first conv"):
+        assert result.agreement == 1.0
 
 
 def test_int8_file_keeps_uint8_nhwc_input_and_quantizes_per_channel(int8_export, onnx_file):
