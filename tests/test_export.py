@@ -262,6 +262,27 @@ def test_int8_check_reports_accuracy_beside_float_and_agreement(int8_export, onn
         f"same top-1 on {100 * check.agreement:.2f}%: OK")
 
 
+def test_int8_check_compares_the_two_files_it_is_given(onnx_file, teacher_run, data_dir,
+                                                       tmp_path):
+    """The tiny teacher gives every test image one class, so its int8 twin agrees trivially:
+    here the second file favours another class, and the figures must follow."""
+    dataset = export.load_inference_model(teacher_run, data_dir).dataset
+    images, labels = dataset.test_images, dataset.test_labels
+    float_top1 = OnnxClassifier(onnx_file).logits(images).argmax(-1)
+    other = int((np.bincount(float_top1, minlength=10).argmax() + 1) % 10)
+    proto = onnx.load(onnx_file)
+    head = next(node for node in proto.graph.node if node.op_type == "Gemm")
+    _with_initializer(proto, head.input[2], lambda b: b + np.float32(100) * (np.arange(10) ==
+                                                                             other))
+    onnx.save(proto, tmp_path / "other.onnx")
+    check = quantize.check_int8(onnx_file, tmp_path / "other.onnx", images, labels, 100, 1.0)
+    assert check.agreement == float(np.mean(float_top1 == other))
+    assert check.float_accuracy == float(np.mean(float_top1 == labels))
+    assert check.int8_accuracy == float(np.mean(labels == other))
+    assert check.passed == (check.drop <= 1.0)
+    assert check.drop == pytest.approx(100 * (check.float_accuracy - check.int8_accuracy))
+
+
 def test_int8_export_cli_writes_and_checks_it(teacher_run, data_dir, tmp_path, capsys):
     out = tmp_path / "m.onnx"
     assert export.main(["--workdir", str(teacher_run), "--data-dir", data_dir, "--output",
