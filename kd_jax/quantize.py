@@ -3,15 +3,15 @@
     python -m kd_jax.export --workdir RUN --int8   # RUN/export/model.onnx and model.int8.onnx
 
 onnxruntime's ``quantize_static`` rewrites the float file (BatchNorm already folded) in the QDQ
-format: every convolution, residual Add and the dense head read int8 weights (symmetric, one
-scale per output channel) and uint8 activations through standard QuantizeLinear /
-DequantizeLinear pairs, which onnxruntime fuses into integer kernels (QLinearConv, QLinearAdd,
-QGemm) when it loads the file. QDQ rather than QOperator: the file keeps standard ONNX
-operators any runtime reads, where QOperator writes Microsoft-domain ones for the Add and the
-head. uint8 rather than int8 activations: on x86, onnxruntime 1.32 fused only 3 of a resnet8's
-9 int8-activation convolutions and ran the other 6 as float convolutions between
-dequantize and quantize nodes (docs/export.md). The input stays uint8 NHWC pixels, normalized
-inside the graph, as in the float file.
+format: every convolution and the dense head get int8 weights (symmetric, one scale per
+output channel), and they and the residual Adds read uint8 activations, through standard
+QuantizeLinear / DequantizeLinear pairs that onnxruntime fuses into integer kernels
+(QLinearConv, QLinearAdd, QGemm) when it loads the file. QDQ rather than QOperator: the file
+keeps standard ONNX operators any runtime reads, where QOperator writes Microsoft-domain ones
+for the Add and the head. uint8 rather than int8 activations: on x86, onnxruntime 1.32 fused
+only 3 of a resnet8's 9 int8-activation convolutions and ran the other 6 as float
+convolutions between dequantize and quantize nodes (docs/export.md). The input stays uint8
+NHWC pixels, normalized inside the graph, as in the float file.
 
 Activation ranges are calibrated (min/max) on a fixed random sample of the training images the
 run fitted (``InferenceModel.training_images``): never a test or validation image. The check
