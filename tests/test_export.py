@@ -356,6 +356,12 @@ def test_calibration_images_flag_is_checked_before_exporting(teacher_run, data_d
     assert not out.exists()
 
 
+def test_int8_needs_the_onnx_format(tmp_path, capsys):
+    assert export.main(["--workdir", str(tmp_path), "--format", "stablehlo", "--int8"]) == 2
+    assert capsys.readouterr().err == (
+        "error: --int8 quantizes the ONNX model: use it with --format onnx\n")
+
+
 def test_export_of_a_non_run_is_one_line_error(tmp_path, capsys):
     assert export.main(["--workdir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
