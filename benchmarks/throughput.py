@@ -2,10 +2,10 @@
 
 Times exactly what training runs: ``kd_jax.core.steps.run_steps`` (batch gathered from
 device-resident uint8 images, augmented and normalised inside jit, then the step) and
-``make_predict``, on random data, after compilation; compile time is reported apart. ``--compare-torch`` times the same
-ResNet in PyTorch eager (optionally channels_last / bf16 autocast / torch.compile) in the same
-process, interleaved with the JAX cases repeat by repeat so that both see the same machine load,
-and prints JAX's ratio to each. Needs no dataset, no tensorflow-datasets and no network.
+``make_predict``, on random data, after compilation; compile time is reported apart.
+``--compare-torch`` times the same ResNet in PyTorch eager (optionally channels_last / bf16
+autocast / torch.compile) in the same process, interleaved with the JAX cases repeat by repeat so
+that both see the same machine load, and prints JAX's ratio to each. Needs no dataset, no tensorflow-datasets and no network.
 
 CPU ms/img is this process's CPU time (all threads) per image and "cores" the CPU time over the
 wall time: how many cores a case kept busy, and on a loaded machine a steadier measure of the
@@ -36,7 +36,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))  # torch_resnet
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
@@ -253,8 +252,9 @@ def torch_cases(a: argparse.Namespace, kinds: list[str]) -> list[Case]:
 def torch_case(kind: str, variant: str, features: set[str], a: argparse.Namespace) -> Case:
     """One PyTorch step (train, distill or inference) on a fixed random batch."""
     import torch
-    import torch_resnet
     from torch.nn import functional as F
+
+    from kd_jax import torch_resnet
 
     device = "cuda" if torch.cuda.is_available() and jax.default_backend() == "gpu" else "cpu"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)

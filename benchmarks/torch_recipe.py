@@ -25,11 +25,10 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kd_jax.data import load_dataset  # noqa: E402
-from kd_jax.train import OptimizerSpec, make_optimizer  # noqa: E402
-
-from benchmarks import torch_resnet  # noqa: E402
+from kd_jax import torch_resnet  # noqa: E402
 from kd_jax.cli.config import TeacherConfig  # noqa: E402
+from kd_jax.core.data import load_dataset  # noqa: E402
+from kd_jax.core.optim import Recipe, make_optimizer  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -94,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                           lr=a.learning_rate, momentum=0.9, nesterov=True)
     steps = len(train_x) // a.batch_size
     # kd-jax's own schedule (warmup, then linear decay), read step by step.
-    _, schedule = make_optimizer(OptimizerSpec(a.learning_rate, weight_decay=a.weight_decay,
+    _, schedule = make_optimizer(Recipe(a.learning_rate, weight_decay=a.weight_decay,
                                                warmup_fraction=a.warmup_fraction),
                                  steps * a.epochs)
     step = 0

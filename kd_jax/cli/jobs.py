@@ -106,15 +106,11 @@ class _Job:
                                          config.alternating_flip, config.cutout)
         self.recipe = Recipe(**{f.name: getattr(config, f.name)
                                 for f in dataclasses.fields(Recipe)})
-        num_train = len(self.dataset.train_labels) - config.validation
-        if num_train < 1:
-            raise KdError(f"validation {config.validation} leaves no training images")
-        self.train_images = self.dataset.train_images[:num_train]
-        self.train_labels = self.dataset.train_labels[:num_train]
+        (self.train_images, self.train_labels), held_out = self.dataset.hold_out(
+            config.validation)
         self.eval_sets = {"test": (self.dataset.test_images, self.dataset.test_labels)}
         if config.validation:  # the last N training images: settings are chosen on them
-            self.eval_sets["val"] = (self.dataset.train_images[num_train:],
-                                     self.dataset.train_labels[num_train:])
+            self.eval_sets["val"] = held_out
 
     def model(self, name: str, width: int | None):
         options = model_options(dataclasses.asdict(self.config))

@@ -76,6 +76,16 @@ class Dataset:
         return Dataset(self.name, self.train_images[:n], self.train_labels[:n], self.test_images,
                        self.test_labels, self.class_names, self.mean, self.std)
 
+    def hold_out(self, validation: int) -> tuple[tuple[np.ndarray, np.ndarray],
+                                                 tuple[np.ndarray, np.ndarray]]:
+        """(images, labels) a run fits, and the last ``validation`` training images it holds out
+        to choose settings on; one place, so a run's export calibrates on what it fitted."""
+        num_train = len(self.train_labels) - validation
+        if num_train < 1:
+            raise KdError(f"validation {validation} leaves no training images")
+        return ((self.train_images[:num_train], self.train_labels[:num_train]),
+                (self.train_images[num_train:], self.train_labels[num_train:]))
+
 
 # --------------------------------------------------------------------------- binary layout
 def read_binary_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
