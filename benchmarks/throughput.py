@@ -5,7 +5,8 @@ device-resident uint8 images, augmented and normalised inside jit, then the step
 ``make_predict``, on random data, after compilation; compile time is reported apart.
 ``--compare-torch`` times the same ResNet in PyTorch eager (optionally channels_last / bf16
 autocast / torch.compile) in the same process, interleaved with the JAX cases repeat by repeat so
-that both see the same machine load, and prints JAX's ratio to each. Needs no dataset, no tensorflow-datasets and no network.
+that both see the same machine load, and prints JAX's ratio to each. Needs no dataset, no
+tensorflow-datasets and no network.
 
 CPU ms/img is this process's CPU time (all threads) per image and "cores" the CPU time over the
 wall time: how many cores a case kept busy, and on a loaded machine a steadier measure of the
