@@ -11,11 +11,20 @@ from kd_jax.cli import jobs
 from kd_jax.cli.config import DistillConfig, TeacherConfig
 from kd_jax.core.augment import Augmentation
 from kd_jax.core.checkpoint import RunCheckpoints, load_frozen
-from kd_jax.core.losses import tempered_kl
+from kd_jax.core.devices import Mesh
+from kd_jax.core.losses import make_loss, tempered_kl
 from kd_jax.core.models import create_model, init_variables
 from kd_jax.core.optim import Recipe, make_optimizer
 from kd_jax.core.rundir import RunDir
-from kd_jax.core.steps import create_state, hinton_step, make_teacher_step
+from kd_jax.core.steps import (
+    create_state,
+    epoch_order,
+    hinton_step,
+    make_distill_step,
+    make_teacher_step,
+    run_steps,
+)
+from kd_jax.core.teachers import Teacher, make_ensemble
 from kd_jax.errors import KdError
 
 AUG = Augmentation(0, False, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
@@ -75,7 +84,8 @@ def test_label_free_step_cannot_receive_labels():
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     step = hinton_step(teacher.apply, variables, 4.0)
     images, labels = fixed_batch(8)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match=r"_label_free_step\(\) takes 7 positional arguments "
+                                        "but 8 were given"):
         step(state, images, labels, jax.random.key(0))
     mixed = hinton_step(teacher.apply, variables, 4.0, alpha=0.5)
     mixed(state, images, labels, jax.random.key(0))  # the hard-label variant takes them
@@ -214,3 +224,51 @@ def test_frozen_model_config_must_be_a_json_object(tmp_path, content, message):
     with pytest.raises(KdError) as error:
         load_frozen(tmp_path)
     assert str(error.value).startswith(f"{tmp_path / 'config.json'}: {message}")
+
+
+def test_teacher_sees_the_students_augmented_batch_in_inference_mode():
+    """Inside one real dispatch: the teacher's input is the student's input, which is the
+    gathered batch augmented with the step's own key; its logits are the inference-mode
+    forward (running BatchNorm statistics) of that batch, computed here independently."""
+    seen = {}
+    record = lambda name: lambda value: seen.__setitem__(name, np.asarray(value))
+    teacher, teacher_state = small_state(8, seed=1)
+    # BN scales of 1 (not the zero-initialised last ones): logits of order 1; running
+    # statistics unlike any batch's, so a training-mode forward would show.
+    ones = jax.tree_util.tree_map_with_path(
+        lambda path, p: jnp.ones_like(p) if path[-1].key == "scale" else p, teacher_state.params)
+    teacher_vars = {"params": ones, "batch_stats": jax.tree.map(lambda s: s + 0.5,
+                                                                teacher_state.batch_stats)}
+    student, student_state = small_state(4, seed=2)
+
+    def teacher_apply(variables, x, train):
+        assert train is False
+        jax.debug.callback(record("teacher_input"), x)
+        logits = teacher.apply(variables, x, train=train)
+        jax.debug.callback(record("teacher_logits"), logits)
+        return logits
+
+    def student_apply(variables, x, **kwargs):
+        jax.debug.callback(record("student_input"), x)
+        return student.apply(variables, x, **kwargs)
+
+    state = student_state.replace(apply_fn=student_apply)
+    step = make_distill_step(make_ensemble([Teacher(teacher_apply, teacher_vars)]),
+                             make_loss("kd", 4.0))
+    augmentation = Augmentation(4, True, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    images = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), np.uint8)
+    key, mesh = jax.random.key(3), Mesh(np.array(jax.devices()[:1]), ("data",))
+    order = epoch_order(key, 0, 64, 16, 4)
+    run_steps(step, state, (jnp.asarray(images),), order, np.int32(4), np.int32(2), key,
+              length=1, augmentation=augmentation, mesh=mesh)
+    jax.effects_barrier()
+
+    aug_key = jax.random.split(jax.random.fold_in(key, 0))[0]  # the state's step is 0
+    expected = np.asarray(augmentation.apply(aug_key, jnp.asarray(images[np.asarray(order[2])])))
+    np.testing.assert_array_equal(seen["teacher_input"], seen["student_input"])
+    np.testing.assert_allclose(seen["teacher_input"], expected, rtol=0, atol=1e-6)  # fused
+    np.testing.assert_allclose(seen["teacher_logits"],
+                               teacher.apply(teacher_vars, expected, train=False), rtol=1e-5,
+                               atol=1e-6)
+    assert not np.allclose(seen["teacher_logits"], teacher.apply(
+        teacher_vars, expected, train=True, mutable=["batch_stats"])[0], rtol=1e-3)

@@ -160,7 +160,8 @@ class _Job:
         c = self.config
         variables = state.inference_variables()
         figures = {"job": self.name, "model": model_name, "dtype": self.dtype.name,
-                   "validation_images": c.validation, "workdir": str(self.run.path),
+                   "validation_images": c.validation,
+                   "test_images": len(self.eval_sets["test"][1]), "workdir": str(self.run.path),
                    "per_class_accuracy": self.per_class(model.apply, variables)}
         if c.tta != "none":
             for name, (x, y) in self.eval_sets.items():

@@ -1,4 +1,4 @@
-"""Run a recipe ablation on CPU: named variants of train_teacher.py / distill.py, one per core.
+"""Run a sweep on CPU: named train_teacher.py / distill.py jobs, one per core.
 
 Each variant is a job name plus flags. Jobs run side by side, each pinned to one core with one
 single-threaded XLA device (``taskset`` + ``XLA_FLAGS``), so two 2-core jobs never fight over
@@ -6,12 +6,13 @@ the cores; a job whose ``summary.json`` exists is skipped, so a killed sweep res
 stopped (``--resume`` continues a job's own checkpoints). Accuracy does not depend on how
 busy the machine is; the epoch times of these runs are not speed measurements.
 
-    python benchmarks/ablation.py run SWEEP.json --out runs/ablation --data-dir DATA
-    python benchmarks/ablation.py table SWEEP.json --out runs/ablation
+    python benchmarks/sweep.py run SWEEP.json --out runs/ablation --data-dir DATA
+    python benchmarks/sweep.py table SWEEP.json --out runs/ablation
 
 A sweep file is a JSON object: ``{"common": {"teacher": [...], "distill": [...]},
 "runs": {"NAME": {"job": "teacher" | "distill", "flags": [...], "teacher": "NAME"}}}``; a
-distill run names the run whose workdir is its teacher, and waits for it to finish.
+distill run names the run (or a list of runs: an ensemble) whose workdir is its teacher, and
+waits for them to finish. Sweeps of this project: ``benchmarks/sweeps/``.
 """
 
 from __future__ import annotations
@@ -34,20 +35,31 @@ def load_sweep(path: Path) -> dict:
     for name, run in sweep["runs"].items():
         if run["job"] not in SCRIPTS:
             raise SystemExit(f"{path}: run {name}: job must be teacher or distill")
-        if run["job"] == "distill" and run.get("teacher") not in sweep["runs"]:
-            raise SystemExit(f"{path}: run {name}: teacher {run.get('teacher')!r} is not a run")
+        unknown = [t for t in teachers_of(run) if t not in sweep["runs"]]
+        if run["job"] == "distill" and (unknown or not teachers_of(run)):
+            raise SystemExit(f"{path}: run {name}: teacher {unknown or None} is not a run")
     return sweep
+
+
+def teachers_of(run: dict) -> list[str]:
+    """The names of a distill run's teachers (one, or a list: an ensemble)."""
+    teacher = run.get("teacher", [])
+    return [teacher] if isinstance(teacher, str) else list(teacher)
 
 
 def command(sweep: dict, name: str, out: Path, data_dir: str) -> list[str]:
     run = sweep["runs"][name]
     flags = [*sweep.get("common", {}).get(run["job"], []), *run["flags"]]
-    if run["job"] == "distill":
-        flags += ["--teacher-dir", str(out / run["teacher"])]
+    for teacher in teachers_of(run):
+        flags += ["--teacher-dir", str(out / teacher)]
     workdir = out / name
     resume = ["--resume"] if (workdir / "config.json").exists() else []
     return [sys.executable, str(REPO / SCRIPTS[run["job"]]), "--data-dir", data_dir,
             "--workdir", str(workdir), "--no-progress", *resume, *flags]
+
+
+def all_cores() -> list[int]:
+    return sorted(os.sched_getaffinity(0))
 
 
 def finished(out: Path, name: str) -> bool:
@@ -65,8 +77,8 @@ def run_all(sweep: dict, out: Path, data_dir: str, cores: list[int]) -> None:
                 del busy[core]
                 state = "done" if finished(out, name) else f"FAILED (exit {process.returncode})"
                 print(f"{time.strftime('%H:%M:%S')} {name}: {state}", flush=True)
-        ready = [n for n in waiting if sweep["runs"][n]["job"] == "teacher"
-                 or finished(out, sweep["runs"][n]["teacher"])]
+        ready = [n for n in waiting
+                 if all(finished(out, t) for t in teachers_of(sweep["runs"][n]))]
         for core in [c for c in cores if c not in busy]:
             if not ready:
                 break
@@ -109,7 +121,7 @@ def main() -> None:
     parser.add_argument("sweep", type=Path)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--data-dir", default=os.environ.get("KD_JAX_DATA_DIR", ""))
-    parser.add_argument("--cores", default=",".join(map(str, sorted(os.sched_getaffinity(0)))),
+    parser.add_argument("--cores", default=",".join(map(str, all_cores())),
                         help="comma list of cores, one run on each (default: all)")
     a = parser.parse_args()
     sweep = load_sweep(a.sweep)
