@@ -26,7 +26,7 @@ class Interrupted(KdError):
 class WriteFailed(KdError):
     """A run's file could not be written: a full disk, a quota, a read-only or forbidden
     folder. ``reason`` is the system's own words ("No space left on device"). Whoever knows
-    the run's checkpoints adds which one is intact (:func:`kd_jax.api` does)."""
+    the run's checkpoints adds which one is intact (:mod:`kd_jax.api` does)."""
 
     def __init__(self, path: object, reason: str):
         super().__init__(f"{path}: cannot write ({reason})")

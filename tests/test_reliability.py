@@ -387,10 +387,15 @@ def test_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path, data_d
     latest = workdir / "checkpoints" / "latest"
     assert sorted(p.name for p in latest.iterdir()) == ["12", "16"]
     rng = np.random.default_rng(0)
+    damage = []
     for file in (latest / "16" / "default" / "d").iterdir():
-        file.write_bytes(rng.bytes(file.stat().st_size))
+        damage.append(rng.bytes(file.stat().st_size))
+        file.write_bytes(damage[-1])
     resumed = ok(run_cli("train_teacher.py", *args, "--resume", env=env))
     assert resumed.stderr == (f"{latest / '16'}: corrupt or unreadable checkpoint (ValueError); "
                               f"deleted, resuming from {latest / '12'}\n")
     assert resumed.stdout.startswith(f"resuming from step 12 ({latest / '12'})\n")
     assert_same_run(workdir, baseline)
+    # Step 16 was written again: orbax skips a save at or before its latest step, so a damaged
+    # checkpoint left in place would have stayed, the one to fall back to from 20.
+    assert not set(damage) & set(snapshot(latest / "16").values())

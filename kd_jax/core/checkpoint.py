@@ -93,7 +93,9 @@ class RunCheckpoints:
 
         One that cannot be restored (a truncated or damaged file) is passed over for the one
         before, and deleted once that one restores: the resumed run redoes its steps and saves
-        them again, bit for bit. When none restores, a one-line ``KdError``.
+        them again, bit for bit (orbax skips a save at or before its latest step, so one left
+        in place would stay, damaged). When none restores, a one-line ``KdError``, and nothing
+        is deleted.
         """
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
         args = ocp.args.Composite(default=ocp.args.StandardRestore(abstract),
