@@ -16,6 +16,9 @@ Images are uint8 NHWC (augmented and standardised on the device by ``augmentatio
 float arrays of any shape, used as they are. Without ``workdir`` a run stays in memory and
 writes nothing; with one it writes what the command-line jobs write (config.json,
 metrics.jsonl, summary.json, curves.png, orbax checkpoints) and ``resume=True`` continues it.
+The workdir is locked for as long as the call runs: a second run of it is refused. A file that
+cannot be written (a full disk, say) ends the call with one ``KdError`` naming the file, the
+system's reason and the latest intact checkpoint.
 An eval set named ``val`` is the validation split: the best checkpoint is chosen on it, never
 on the test set.
 """
@@ -23,7 +26,8 @@ on the test set.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +39,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from kd_jax.core.augment import Passthrough, standardizing
+from kd_jax.core.checkpoint import latest_checkpoint
 from kd_jax.core.devices import make_mesh
 from kd_jax.core.evaluation import ClassificationEval, DistillationEval, make_predict
 from kd_jax.core.hooks import Checkpointer, MetricsWriter, Progress, StopOnSignal
@@ -52,7 +57,7 @@ from kd_jax.core.teachers import (
     per_teacher,
 )
 from kd_jax.core.trainer import Hook, Trainer
-from kd_jax.errors import KdError
+from kd_jax.errors import KdError, WriteFailed
 
 History = list[dict]
 DEFAULT_RECIPE = Recipe()
@@ -236,21 +241,27 @@ class _Run:
     def fit(self, step: Any, arrays: tuple, evaluators: list, workdir: Any, config: dict,
             resume: bool, overwrite: bool, every: int, hooks: Sequence[Hook], progress: bool,
             steps_per_dispatch: int, summary: Callable | None) -> tuple[TrainState, History]:
-        run = _open(workdir, config, resume, overwrite)
-        best = "val_accuracy" if any(name == "val" for name, _, _ in self.eval_sets) else None
-        all_hooks = [*hooks]
-        if run is not None:
-            all_hooks += [Checkpointer(run.path, every_steps=every, resume=resume,
-                                       read_history=run.read_metrics, best_metric=best),
-                          MetricsWriter(run)]
-        all_hooks += [Progress()] if progress else []
-        trainer = Trainer(step, self.state, arrays, epochs=self.epochs,
-                          batch_size=self.batch_size, seed=self.seed, preprocess=self.preprocess,
-                          mesh=self.mesh, evaluators=evaluators, hooks=[*all_hooks, StopOnSignal()],
-                          schedule=self.schedule, steps_per_dispatch=steps_per_dispatch)
-        state, history = trainer.fit()
-        if run is not None:
-            self._report(run, state, history, trainer.timing, summary, config)
+        with _opened(workdir, config, resume, overwrite) as run:
+            best = "val_accuracy" if any(name == "val" for name, _, _ in self.eval_sets) else None
+            all_hooks = [*hooks]
+            if run is not None:
+                all_hooks += [Checkpointer(run.path, every_steps=every, resume=resume,
+                                           read_history=run.read_metrics, best_metric=best),
+                              MetricsWriter(run)]
+            all_hooks += [Progress()] if progress else []
+            trainer = Trainer(step, self.state, arrays, epochs=self.epochs,
+                              batch_size=self.batch_size, seed=self.seed,
+                              preprocess=self.preprocess, mesh=self.mesh, evaluators=evaluators,
+                              hooks=[*all_hooks, StopOnSignal()], schedule=self.schedule,
+                              steps_per_dispatch=steps_per_dispatch)
+            try:
+                state, history = trainer.fit()
+                if run is not None:
+                    self._report(run, state, history, trainer.timing, summary, config)
+            except WriteFailed as failed:
+                if run is not None:  # (without a workdir, only a caller's hook writes)
+                    failed.args = (f"{failed}; {_intact(run.path)}",)
+                raise
         return state, history
 
     def _report(self, run: RunDir, state: TrainState, history: History, timing: dict,
@@ -268,12 +279,26 @@ class _Run:
                        self.reference)
 
 
-def _open(workdir: str | Path | RunDir | None, config: dict, resume: bool,
-          overwrite: bool) -> RunDir | None:
+@contextmanager
+def _opened(workdir: str | Path | RunDir | None, config: dict, resume: bool,
+            overwrite: bool) -> Iterator[RunDir | None]:
+    """The run's directory for the length of a call: a path is prepared and locked, and let go
+    at the end however the call ends; a :class:`RunDir` (prepared by the caller, who holds
+    its lock) or None is used as it is."""
     if workdir is None or isinstance(workdir, RunDir):
-        return workdir
-    return RunDir.prepare(workdir, config, resume=resume, overwrite=overwrite,
-                          resumable=RESUMABLE)
+        yield workdir
+        return
+    with RunDir.prepare(workdir, config, resume=resume, overwrite=overwrite,
+                        resumable=RESUMABLE) as run:
+        yield run
+
+
+def _intact(workdir: Path) -> str:
+    """Which checkpoint a run stopped by a failed write can be resumed from."""
+    path = latest_checkpoint(workdir)
+    if path is None:
+        return "no checkpoint is intact"
+    return f"the latest intact checkpoint is {path}; resume from it (--resume, resume=True)"
 
 
 def _default_preprocessing(images: np.ndarray) -> Any:

@@ -23,6 +23,16 @@ class Interrupted(KdError):
         self.exit_code = 128 + signum  # the shell's convention for "ended by signal N"
 
 
+class WriteFailed(KdError):
+    """A run's file could not be written: a full disk, a quota, a read-only or forbidden
+    folder. ``reason`` is the system's own words ("No space left on device"). Whoever knows
+    the run's checkpoints adds which one is intact (:mod:`kd_jax.api` does)."""
+
+    def __init__(self, path: object, reason: str):
+        super().__init__(f"{path}: cannot write ({reason})")
+        self.path, self.reason = path, reason
+
+
 def run_guarded(job: Callable[[], object], debug: bool = False) -> int:
     """Run ``job()``; a ``KdError`` (exit 2, an interrupted run 128 + the signal number), an
     ``OSError`` (a file named by the user that cannot be read or written) or a second Ctrl-C

@@ -40,12 +40,24 @@ def run_cli(script: str, *args: str, env: dict | None = None,
     """Run ``script`` (train_teacher.py or distill.py) in a fresh interpreter; with
     ``$KD_JAX_FAULT`` in ``env``, the same job through tests/fault_cli.py, which installs the
     fault hook."""
+    command, full_env = _command(script, args, env)
+    return subprocess.run(command, cwd=REPO, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def start_cli(script: str, *args: str, env: dict | None = None) -> subprocess.Popen:
+    """:func:`run_cli`, left running: its output in ``communicate()``."""
+    command, full_env = _command(script, args, env)
+    return subprocess.Popen(command, cwd=REPO, env=full_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _command(script: str, args: tuple[str, ...], env: dict | None) -> tuple[list[str], dict]:
     full_env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
     command = [str(REPO / script)]
     if "KD_JAX_FAULT" in full_env:
         command = [str(REPO / "tests" / "fault_cli.py"), JOBS[script]]
-    return subprocess.run([sys.executable, *command, *args], cwd=REPO, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return [sys.executable, *command, *args], full_env
 
 
 def cache_env(folder: Path) -> dict:

@@ -121,9 +121,11 @@ def test_checkpoint_round_trip(tmp_path):
     checkpoints = RunCheckpoints(tmp_path)
     checkpoints.save(state.replace(step=7), {"train_loss": 1.5}, is_best=True)
     checkpoints.close()
-    restored, meter = RunCheckpoints(tmp_path).restore_latest(state)
-    assert int(restored.step) == 7 and meter == {"train_loss": 1.5}
-    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(restored.params), strict=True):
+    restored = RunCheckpoints(tmp_path).restore_latest(state)
+    assert int(restored.state.step) == 7 and restored.meter == {"train_loss": 1.5}
+    assert (restored.path, restored.damaged) == (tmp_path / "checkpoints" / "latest" / "7", [])
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(restored.state.params),
+                    strict=True):
         np.testing.assert_array_equal(a, b)
 
 

@@ -59,7 +59,8 @@ def latest_run(job: str, root: Path = RUNS_ROOT) -> Path:
 
 
 def open_run_dir(config: RunConfig, job: str) -> RunDir:
-    """Process 0 prepares the workdir, the others wait for it (multi-host: a shared folder).
+    """Process 0 prepares (and locks) the workdir, the others wait for it (multi-host: a shared
+    folder) and never write it.
 
     Process 0 tells the others whether it could: had it simply exited (the workdir already
     holds another run, say), they would wait for it at the next collective forever.
@@ -125,10 +126,12 @@ class _Job:
             variables = with_whitening(variables, np.asarray(sample), self.config.whiten_patch)
         return variables
 
-    def open_run(self, num_train: int) -> None:
-        """Create or reopen the workdir, once every input has been checked."""
+    def open_run(self, num_train: int) -> RunDir:
+        """Create or reopen the workdir, once every input has been checked; it stays locked
+        until the run is closed (use it in a ``with`` block)."""
         check_batch_size(self.config.batch_size, num_train, make_mesh())
         self.run = open_run_dir(self.config, self.name)
+        return self.run
 
     def settings(self, model, images: np.ndarray, hooks: Sequence[Hook],
                  summary: Callable[[TrainState], dict]) -> dict:
@@ -214,13 +217,13 @@ def train_teacher(config: TeacherConfig, hooks: Sequence[Hook] = ()) -> dict:
     """Train a model on labels with cross-entropy; returns (and writes) the summary."""
     job = _Job(config, "teacher")
     model = job.model(config.model, config.width)
-    job.open_run(len(job.train_labels))
-    _, history = api.train(
-        model, job.train_images, job.train_labels, label_smoothing=config.label_smoothing,
-        **job.settings(model, job.train_images, hooks,
-                       lambda state: job.figures(model, state, config.model)))
-    return job.finish(history, ["train_loss", "train_accuracy", "test_loss", "test_accuracy",
-                                "epoch_seconds"])
+    with job.open_run(len(job.train_labels)):
+        _, history = api.train(
+            model, job.train_images, job.train_labels, label_smoothing=config.label_smoothing,
+            **job.settings(model, job.train_images, hooks,
+                           lambda state: job.figures(model, state, config.model)))
+        return job.finish(history, ["train_loss", "train_accuracy", "test_loss",
+                                    "test_accuracy", "epoch_seconds"])
 
 
 def class_id(dataset: Dataset, name: str) -> int:
@@ -314,12 +317,12 @@ def distill(config: DistillConfig, hooks: Sequence[Hook] = ()) -> dict:
             found["omitted_class"] = job.omitted_class(student, state, held_out, omit)
         return found
 
-    job.open_run(len(transfer))
-    _, history = api.distill(student, teachers, images, labels=labels, loss=loss,
-                             alpha=config.alpha, combine=config.combine,
-                             **job.settings(student, images, hooks, figures))
-    return job.finish(history, ["distill_loss", "test_accuracy", "agreement", "test_kl",
-                                "epoch_seconds"])
+    with job.open_run(len(transfer)):
+        _, history = api.distill(student, teachers, images, labels=labels, loss=loss,
+                                 alpha=config.alpha, combine=config.combine,
+                                 **job.settings(student, images, hooks, figures))
+        return job.finish(history, ["distill_loss", "test_accuracy", "agreement", "test_kl",
+                                    "epoch_seconds"])
 
 
 def omitted_class_report(test_logits: np.ndarray, test_labels: np.ndarray,

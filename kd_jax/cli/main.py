@@ -8,6 +8,7 @@ job under :func:`kd_jax.errors.run_guarded`.
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable, Sequence
 
@@ -32,6 +33,8 @@ def main(config_class: type, job: Callable, description: str,
     parser = build_parser(config_class, description)
     distributed.add_arguments(parser)
     args = parser.parse_args(argv)
+    if not args.debug:
+        logging.getLogger("absl").addFilter(_not_an_orbax_error)  # (added once, however often)
 
     def start() -> None:
         distributed.initialize(**distributed.pop_arguments(args))
@@ -42,6 +45,13 @@ def main(config_class: type, job: Callable, description: str,
             raise
 
     return run_guarded(start, args.debug)
+
+
+def _not_an_orbax_error(record: logging.LogRecord) -> bool:
+    """A filter leaving a failed checkpoint write to kd-jax's one ``error:`` line (what failed,
+    where, which checkpoint is intact): orbax logs the failure from each of its threads,
+    traceback and all, before it reaches kd-jax. Those logs show under ``--debug``."""
+    return record.levelno < logging.ERROR or "orbax" not in record.pathname
 
 
 def train_teacher_main(argv: Sequence[str] | None = None, hooks: Sequence[Hook] = ()) -> int:

@@ -3,11 +3,17 @@
 Layout under a workdir: ``checkpoints/latest/<step>`` and ``checkpoints/best/<step>``, each the
 whole train state (params, batch_stats, optimizer state, step) in orbax's own format. orbax
 writes into a temporary folder and renames it when complete, so a crash mid-write leaves the
-previous checkpoint as the latest.
+previous checkpoint as the latest. A write that fails (a full disk, a quota, a read-only
+folder) is a :class:`WriteFailed` naming the checkpoint, wherever orbax lets it surface: its
+writes run in the background, so an error can come out of the next save or of ``close``.
 """
 
 from __future__ import annotations
 
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +25,10 @@ import orbax.checkpoint as ocp
 
 from kd_jax.core.models import create_model, model_options
 from kd_jax.core.rundir import read_json
-from kd_jax.errors import KdError
+from kd_jax.errors import KdError, WriteFailed
+
+# How tensorstore's errors (wrapped in orbax's ValueErrors) carry the failed call's errno.
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
 
 
 class RunCheckpoints:
@@ -34,20 +43,25 @@ class RunCheckpoints:
     def __init__(self, workdir: str | Path, keep_latest: int = 2):
         root = Path(workdir).absolute() / "checkpoints"
         # cleanup_tmp_directories: a process killed mid-write leaves a temporary folder behind.
-        options = lambda keep: ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                                            cleanup_tmp_directories=True)
-        self.latest = ocp.CheckpointManager(root / "latest", options=options(keep_latest),
-                                            item_names=("default", "meter"))
-        self.best = ocp.CheckpointManager(root / "best", options=options(1))
+        # A checkpoint's folder is created before save returns, not in the background: when
+        # orbax's background creation fails (read-only, full), its writer threads wait 20
+        # minutes for the folder, and the process cannot exit until they give up.
+        options = lambda keep: ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+            async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
+        with _writing(root):
+            self.latest = ocp.CheckpointManager(root / "latest", options=options(keep_latest),
+                                                item_names=("default", "meter"))
+            self.best = ocp.CheckpointManager(root / "best", options=options(1))
+        self._in_flight: dict[ocp.CheckpointManager, Path] = {}
 
     def save(self, state: Any, meter: dict, is_best: bool = False) -> None:
-        step = int(state.step)
-        self.latest.save(step, args=ocp.args.Composite(default=ocp.args.StandardSave(state),
-                                                       meter=ocp.args.JsonSave(meter)))
+        self._start(self.latest, int(state.step), ocp.args.Composite(
+            default=ocp.args.StandardSave(state), meter=ocp.args.JsonSave(meter)))
         if is_best:
             # orbax names its multi-process commit barrier after the step alone: two managers
             # committing the same step at once collide ("barrier already ongoing") and hang.
-            self.latest.wait_until_finished()
+            self._finish(self.latest)
             self.save_best(state)
 
     def save_best(self, state: Any) -> None:
@@ -55,33 +69,129 @@ class RunCheckpoints:
         the steps a killed one may have saved)."""
         step = int(state.step)
         if step not in self.best.all_steps():
-            self.best.save(step, args=ocp.args.StandardSave(state))
+            self._start(self.best, step, ocp.args.StandardSave(state))
 
-    def restore_latest(self, like: Any) -> tuple[Any, dict] | None:
-        """The latest complete (state, meter), the state shaped and sharded like ``like``;
-        None when there is none."""
-        step = self.latest.latest_step()
-        if step is None:
-            return None
+    def _start(self, manager: ocp.CheckpointManager, step: int, args: Any) -> None:
+        """Begin writing checkpoint ``step`` (orbax finishes it in the background). The write
+        in flight is waited for first, so a failure it met is charged to it, not to this one."""
+        self._finish(manager)
+        path = Path(manager.directory) / str(step)
+        with _writing(path):
+            manager.save(step, args=args)
+        self._in_flight[manager] = path
+
+    def _finish(self, manager: ocp.CheckpointManager) -> None:
+        """Wait for ``manager``'s write in flight: where its failure, if any, comes out."""
+        path = self._in_flight.pop(manager, None)
+        if path is not None:
+            with _writing(path):
+                manager.wait_until_finished()
+
+    def restore_latest(self, like: Any) -> Restored | None:
+        """The newest intact checkpoint, its state shaped and sharded like ``like``; None when
+        there is no checkpoint at all.
+
+        One that cannot be restored (a truncated or damaged file) is passed over for the one
+        before, and deleted once that one restores: the resumed run redoes its steps and saves
+        them again, bit for bit (orbax skips a save at or before its latest step, so one left
+        in place would stay, damaged). When none restores, a one-line ``KdError``, and nothing
+        is deleted.
+        """
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-        try:
-            restored = self.latest.restore(step, args=ocp.args.Composite(
-                default=ocp.args.StandardRestore(abstract), meter=ocp.args.JsonRestore()))
-        except Exception as e:  # orbax raises many kinds of errors for damaged files
-            raise KdError(f"{self.latest_path()}: corrupt or unreadable checkpoint "
-                          f"({type(e).__name__}); delete it to resume from the one before"
-                          ) from None
-        return restored["default"], restored["meter"]
+        args = ocp.args.Composite(default=ocp.args.StandardRestore(abstract),
+                                  meter=ocp.args.JsonRestore())
+        damaged: dict[int, str] = {}
+        for step in sorted(self.latest.all_steps(), reverse=True):
+            try:
+                restored = self.latest.restore(step, args=args)
+            except Exception as e:  # orbax raises many kinds of errors for damaged files
+                damaged[step] = type(e).__name__
+                continue
+            path = self._step_path(step)
+            for bad in damaged:
+                self.latest.delete(bad)
+            notes = [f"{self._step_path(bad)}: corrupt or unreadable checkpoint ({kind}); "
+                     f"deleted, resuming from {path}" for bad, kind in damaged.items()]
+            return Restored(restored["default"], restored["meter"], path, notes)
+        if damaged:
+            found = ", ".join(f"{step}: {kind}" for step, kind in damaged.items())
+            raise KdError(f"{self.latest.directory}: every checkpoint is corrupt or unreadable "
+                          f"({found}); start the run over (--overwrite, overwrite=True)")
+        return None
+
+    def _step_path(self, step: int) -> Path:
+        return Path(self.latest.directory) / str(step)
 
     def latest_path(self) -> Path:
-        return Path(self.latest.directory) / str(self.latest.latest_step())
+        return self._step_path(self.latest.latest_step())
+
+    def wait(self) -> None:
+        """Block until the writes in flight are on disk; raises the failure of one."""
+        self._finish(self.latest)
+        self._finish(self.best)
 
     def close(self) -> None:
-        """Block until async writes are on disk."""
-        self.latest.wait_until_finished()
-        self.best.wait_until_finished()
-        self.latest.close()
-        self.best.close()
+        """:meth:`wait`, then let orbax go, whether or not a write failed. orbax's own close
+        raises a failed write once more: the first report of it is the one raised."""
+        failure = None
+        try:
+            self.wait()
+        except WriteFailed as e:
+            failure = e
+        for manager in (self.latest, self.best):
+            try:
+                with _writing(Path(manager.directory)):
+                    manager.close()
+            except WriteFailed as e:
+                failure = failure or e
+        if failure is not None:
+            raise failure
+
+
+@dataclass(frozen=True)
+class Restored:
+    """What :meth:`RunCheckpoints.restore_latest` resumes from: the train state, the epoch's
+    partial metric sums, the checkpoint's path, and a line for each newer one found damaged."""
+
+    state: Any
+    meter: dict
+    path: Path
+    damaged: list[str]
+
+
+def latest_checkpoint(workdir: str | Path) -> Path | None:
+    """The newest complete checkpoint of the run in ``workdir`` (orbax moves one into place
+    only once it is whole); None when there is none."""
+    root = Path(workdir).absolute() / "checkpoints" / "latest"
+    steps = ocp.utils.checkpoint_steps(root) if root.is_dir() else []
+    return root / str(max(steps)) if steps else None
+
+
+@contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """A failed checkpoint write as a :class:`WriteFailed` naming ``path``. orbax raises
+    OSErrors, or tensorstore's errors inside ValueErrors that carry the errno
+    (``RESOURCE_EXHAUSTED: Error writing ... [os_error_code='28']``); an error with no failed
+    system call in it is no write failure and passes unchanged."""
+    try:
+        yield
+    except Exception as e:
+        reason = _os_error(e)
+        if reason is None:
+            raise
+        raise WriteFailed(path, reason) from e
+
+
+def _os_error(error: BaseException | None) -> str | None:
+    """The system's words for the first failed call in ``error`` or what it was raised from."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno:
+            return os.strerror(error.errno)
+        code = _OS_ERROR_CODE.search(str(error))
+        if code:
+            return os.strerror(int(code.group(1)))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 @dataclass(frozen=True)
@@ -127,12 +237,11 @@ def load_frozen(workdir: str | Path) -> FrozenModel:
     if not config_path.is_file():
         raise KdError(f"{workdir}: not a kd-jax run (no config.json)")
     config = read_json(config_path)
+    path = latest_checkpoint(workdir)
     root = workdir / "checkpoints" / "latest"
-    steps = ocp.utils.checkpoint_steps(root) if root.is_dir() else []
-    if not steps:
+    if path is None:
         raise KdError(f"{workdir}: no checkpoint found under {root}")
-    step = max(steps)
-    path = root / str(step)
+    step = int(path.name)
     # Through a manager that knows both items' handlers: restoring the item folder on its own
     # works too, but logs a warning about metadata orbax keeps one level up, on every load.
     handlers = {"default": ocp.StandardCheckpointHandler(), "meter": ocp.JsonCheckpointHandler()}

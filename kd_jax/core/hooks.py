@@ -61,11 +61,13 @@ class Checkpointer(Hook):
         restored = self.checkpoints.restore_latest(trainer.state) if self.resume else None
         if restored is None:
             return
-        trainer.state, trainer.resumed_sums = restored
+        for note in restored.damaged:
+            print(note, file=sys.stderr, flush=True)
+        trainer.state, trainer.resumed_sums = restored.state, restored.meter
         step = int(trainer.state.step)
         if self.read_history is not None:
             trainer.history = self.read_history(step // trainer.steps_per_epoch)
-        print(f"resuming from step {step} ({self.checkpoints.latest_path()})", flush=True)
+        print(f"resuming from step {step} ({restored.path})", flush=True)
         if self.best_metric and self._is_best(trainer, trainer.history):
             self.checkpoints.save_best(trainer.state)  # a kill may have cut that save
 

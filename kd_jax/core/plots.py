@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
 
 
-def plot_history(history: list[dict], path: Path, title: str,
-                 reference_accuracy: float | None = None, reference: str = "teacher") -> None:
-    """Loss and accuracy against epoch; ``reference_accuracy`` (the teacher's, or an
-    ensemble's: ``reference`` names it) as a dashed line.
+def render_history(history: list[dict], title: str, reference_accuracy: float | None = None,
+                   reference: str = "teacher") -> bytes | None:
+    """A PNG of loss and accuracy against epoch; ``reference_accuracy`` (the teacher's, or an
+    ensemble's: ``reference`` names it) as a dashed line. Rendered in memory, so the caller
+    writes it like any other run file.
 
-    Skipped with a note where matplotlib is missing (e.g. a bare accelerator image): the
-    metrics are on disk and can be plotted later.
+    None where matplotlib is missing (e.g. a bare accelerator image): the metrics are on disk
+    and can be plotted later.
     """
     try:
         import matplotlib
     except ImportError:
-        print(f"matplotlib is not installed: {path} not written")
-        return
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -40,5 +40,7 @@ def plot_history(history: list[dict], path: Path, title: str,
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
+    return png.getvalue()

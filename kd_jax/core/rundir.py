@@ -5,32 +5,39 @@
     <workdir>/summary.json     the final figures
     <workdir>/curves.png       loss and accuracy curves
     <workdir>/checkpoints/     orbax: latest/ and best/
+    <workdir>/run.lock         while a run lives: its pid, host and start time (core.lock)
+
+A failed write (a full disk, a quota, a read-only folder) is a one-line ``WriteFailed`` naming
+the file, and leaves the file as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import os
 import platform
 import shutil
 import subprocess
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import jax
 
-from kd_jax.core.plots import plot_history
-from kd_jax.errors import KdError
+from kd_jax.core.lock import WorkdirLock
+from kd_jax.core.plots import render_history
+from kd_jax.errors import KdError, WriteFailed
 
 _PACKAGES = ("kd-jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
 
 
 class RunDir:
-    """Files of one run; created by :meth:`prepare`."""
+    """Files of one run; created by :meth:`prepare`, which locks the workdir until
+    :meth:`close` (or the end of a ``with`` block)."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, lock: WorkdirLock | None = None):
+        self.path, self.lock = path, lock
         self.config_path = path / "config.json"
         self.metrics_path = path / "metrics.jsonl"
         self.summary_path = path / "summary.json"
@@ -39,27 +46,50 @@ class RunDir:
     @classmethod
     def prepare(cls, path: str | Path, config: dict, *, resume: bool = False,
                 overwrite: bool = False, resumable: Collection[str] = ()) -> RunDir:
-        """Create or reopen the workdir ``path`` for a run described by ``config`` (JSON-able);
-        refuse to mix two different runs in one folder. Keys in ``resumable`` may differ
-        between an interrupted run and its resumption."""
+        """Create or reopen and lock the workdir ``path`` for a run described by ``config``
+        (JSON-able); refuse a workdir another run holds, or one holding a different run. Keys
+        in ``resumable`` may differ between an interrupted run and its resumption."""
         path = Path(path)
-        run = cls(path)
-        if run.config_path.exists():
-            if resume:
-                run._check_same_run(config, resumable)
-            elif overwrite:
-                for name in ("metrics.jsonl", "summary.json", "curves.png"):
-                    (path / name).unlink(missing_ok=True)
-                shutil.rmtree(path / "checkpoints", ignore_errors=True)
-            else:
-                raise KdError(f"{path} already holds a run; resume it (--resume, resume=True) "
-                              "or replace it (--overwrite, overwrite=True)")
         try:
             path.mkdir(parents=True, exist_ok=True)
-            _atomic_write(run.config_path, json.dumps(config, indent=2, sort_keys=True))
+            run = cls(path, WorkdirLock.acquire(path))
         except OSError as e:
             raise KdError(f"{path}: cannot write the workdir ({e.strerror})") from None
+        try:
+            run._reopen(config, resume, overwrite, resumable)
+        except BaseException:
+            run.close()
+            raise
         return run
+
+    def _reopen(self, config: dict, resume: bool, overwrite: bool,
+                resumable: Collection[str]) -> None:
+        if self.config_path.exists():
+            if resume:
+                self._check_same_run(config, resumable)
+            elif overwrite:
+                for name in ("metrics.jsonl", "summary.json", "curves.png"):
+                    (self.path / name).unlink(missing_ok=True)
+                shutil.rmtree(self.path / "checkpoints", ignore_errors=True)
+            else:
+                raise KdError(f"{self.path} already holds a run; resume it (--resume, "
+                              "resume=True) or replace it (--overwrite, overwrite=True)")
+        try:
+            _atomic_write(self.config_path, json.dumps(config, indent=2, sort_keys=True))
+        except WriteFailed as e:
+            raise KdError(f"{self.path}: cannot write the workdir ({e.reason})") from None
+
+    def close(self) -> None:
+        """Let go of the workdir: another run may now take it."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _check_same_run(self, config: dict, resumable: Collection[str]) -> None:
         saved = read_json(self.config_path)
@@ -89,12 +119,16 @@ class RunDir:
 
     def write_plot(self, history: list[dict], title: str,
                    reference_accuracy: float | None = None, reference: str = "teacher") -> None:
-        plot_history(history, self.plot_path, title, reference_accuracy, reference)
+        png = render_history(history, title, reference_accuracy, reference)
+        if png is None:
+            print(f"matplotlib is not installed: {self.plot_path} not written")
+            return
+        _atomic_write(self.plot_path, png)
 
 
 class ReaderRunDir(RunDir):
     """The run directory as processes other than 0 of a multi-process run see it: they read
-    (resume), process 0 writes."""
+    (resume), process 0 writes (and holds the lock)."""
 
     def write_metrics(self, rows: list[dict]) -> None:
         pass
@@ -146,11 +180,18 @@ def _git() -> dict:
         return {}
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so a crash never leaves half a file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _atomic_write(path: Path, content: str | bytes) -> None:
+    """Write via a temporary file and rename, so a crash never leaves half a file; a failed
+    write removes its temporary file (on a full disk, that frees what it took)."""
+    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
+    write: Callable = tmp.write_bytes if isinstance(content, bytes) else tmp.write_text
+    try:
+        write(content)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):  # a read-only folder refuses even that
+            tmp.unlink(missing_ok=True)
+        raise WriteFailed(path, e.strerror or type(e).__name__) from e
 
 
 def _cell(key: str, value: object) -> str:

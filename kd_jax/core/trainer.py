@@ -40,7 +40,8 @@ class Hook:
     ``trainer.per_dispatch`` steps, ``before`` and ``after`` being the global step numbers),
     so it must stay cheap; ``after_evaluate`` sees the epoch's row once it is in
     ``trainer.history``; ``after_save`` is called by whatever hook wrote ``what``
-    (``"metrics"`` or ``"checkpoint"``); ``close`` runs whether the run ended or failed.
+    (``"metrics"`` or ``"checkpoint"``); ``close`` runs whether the run ended or failed, and
+    whether or not another hook's ``close`` raised.
     """
 
     def on_start(self, trainer: Trainer) -> None: ...
@@ -96,9 +97,24 @@ class Trainer:
             for epoch in range(int(self.state.step) // self.steps_per_epoch, self.epochs):
                 self._run_epoch(epoch)
             self.emit("on_end")
-        finally:
-            self.emit("close")
+        except BaseException:
+            self._close(failing=True)
+            raise
+        self._close(failing=False)
         return self.state, self.history
+
+    def _close(self, failing: bool) -> None:
+        """``close`` every hook, even after one raised (a checkpoint write that failed in the
+        background comes out here; the signal handlers must come back all the same). The first
+        error is raised, unless the run is already failing: that error is the one to report."""
+        errors = []
+        for hook in self.hooks:
+            try:
+                hook.close(self)
+            except Exception as e:
+                errors.append(e)
+        if errors and not failing:
+            raise errors[0]
 
     def _compile(self) -> None:
         start = time.perf_counter()
