@@ -243,7 +243,7 @@ def test_archive_without_the_test_file_is_refused(tmp_path):
             data.download_cifar(data.CIFAR100, tmp_path / "cache", url, {url: info(payload)})
     finally:
         server.shutdown()
-    archive = next((tmp_path / "cache" / "downloads").glob("*cifar-100-binary*"))
+    archive = next((tmp_path / "cache" / "downloads").glob("*cifar-100-binary*.tar.gz"))
     assert str(error.value) == f"{archive}: the archive holds no cifar-100-binary/test.bin"
     assert tarfile.is_tarfile(archive)
 
