@@ -129,12 +129,14 @@ def distill(student: nn.Module, teachers: Any, images: np.ndarray, *,
     ``teachers``: one or a list of :class:`Teacher`, ``(apply_fn, variables)`` pairs or
     workdirs. Several are an ensemble whose target is the mean of their softened
     probabilities (``combine="probs"``, the paper's) or of their logits (``"logits"``).
-    ``loss``: a name in :data:`kd_jax.core.losses.LOSSES` (built at ``temperature``) or a
-    :class:`DistillLoss`. With ``alpha == 1`` (the default) and a loss that needs no labels,
-    no label is ever read: passing ``labels`` is an error, and the step cannot take them.
-    With ``alpha < 1``, ``(1 - alpha) * CE`` on ``labels`` at T = 1 is added. Every eval set
-    also reports the student's agreement with the (ensemble) teacher. Other arguments as
-    :func:`train`.
+    ``loss``: a name in :data:`kd_jax.core.losses.LOSSES` (built at ``temperature`` with its
+    paper's defaults) or a :class:`DistillLoss` from :func:`kd_jax.core.losses.make_loss`.
+    With ``alpha == 1`` (the default) the run is label-free: no label is ever read, passing
+    ``labels`` is an error, and the step cannot take them. With ``alpha < 1``,
+    ``(1 - alpha) * CE`` on ``labels`` at T = 1 is added. A loss that needs each image's true
+    class (DKD) is given the same labels, so it needs ``alpha < 1``: one rule, label-free
+    exactly when ``alpha == 1``. Every eval set also reports the student's agreement with
+    the (ensemble) teacher. Other arguments as :func:`train`.
     """
     loss = make_loss(loss, temperature) if isinstance(loss, str) else loss
     _check_distill_labels(loss, alpha, labels)
@@ -149,9 +151,11 @@ def distill(student: nn.Module, teachers: Any, images: np.ndarray, *,
     evaluators = [DistillationEval(ClassificationEval(name, x, y, run.predict),
                                    run.ensemble_logits(ensemble, x, combine))
                   for name, x, y in run.eval_sets]
-    step = make_distill_step(ensemble, loss, alpha, combine)
+    step = make_distill_step(ensemble, loss, alpha, combine, run.steps_per_epoch)
     config = config or run.describe("distill", temperature=temperature, alpha=alpha,
-                                    loss=loss.name, combine=combine, teachers=ensemble.size)
+                                    loss=loss.name, loss_params=loss.params,
+                                    standardize_logits=loss.standardize, combine=combine,
+                                    teachers=ensemble.size)
     return run.fit(step, arrays, evaluators, workdir, config, resume, overwrite,
                    checkpoint_every_steps, hooks, progress, steps_per_dispatch, summary)
 
@@ -159,10 +163,10 @@ def distill(student: nn.Module, teachers: Any, images: np.ndarray, *,
 def _check_distill_labels(loss: DistillLoss, alpha: float, labels: np.ndarray | None) -> None:
     if not 0 <= alpha <= 1:
         raise KdError(f"alpha must be in [0, 1], got {alpha}")
-    if loss.needs_labels and labels is None:
-        raise KdError(f"loss {loss.name} needs the true class, so it cannot run label-free: "
-                      "pass labels")
-    if alpha == 1 and not loss.needs_labels and labels is not None:
+    if loss.needs_labels and alpha == 1:
+        raise KdError(f"loss {loss.name} needs the true class, so it cannot run label-free "
+                      "(alpha == 1): pass alpha < 1 and labels")
+    if alpha == 1 and labels is not None:
         raise KdError("alpha == 1 trains from the teacher alone: pass no labels")
     if alpha != 1 and labels is None:
         raise KdError(f"alpha = {alpha} < 1 mixes in a hard-label term: pass labels")
@@ -208,8 +212,9 @@ class _Run:
         self.predict = make_predict(model, self.preprocess, eval_batch_size, self.mesh)
         self.eval_sets = [(name, self.replicate(np.asarray(x)), _checked_labels(y, x, name))
                           for name, (x, y) in (eval_sets or {}).items()]
-        steps = epochs * max(len(images) // batch_size, 1)
-        self.tx, self.schedule = make_optimizer(recipe, steps)
+        self.steps_per_epoch = max(len(images) // batch_size, 1)
+        self.tx, self.schedule = make_optimizer(recipe, epochs * self.steps_per_epoch,
+                                                self.steps_per_epoch)
         if variables is None:
             sample = self.preprocess.normalize(jax.numpy.asarray(images[:1]))
             variables = jax.jit(lambda key: model.init(key, sample, train=False))(

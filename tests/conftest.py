@@ -44,3 +44,26 @@ def real_cifar() -> Path:
     if not (folder / "test_batch.bin").is_file():
         pytest.skip(f"real CIFAR-10 not found at {folder} (set KD_JAX_DATA_DIR)")
     return folder
+
+
+def cifar100_records(fine: np.ndarray, seed: int) -> bytes:
+    """CIFAR-100 binary records: the coarse label (``fine // 5``), the fine label, then pixels
+    that depend on the fine label as :func:`cifar_records` makes them."""
+    records = np.frombuffer(cifar_records(fine % 10, seed), np.uint8).reshape(len(fine), -1)
+    labels = np.stack([fine // 5, fine], axis=1).astype(np.uint8)
+    return np.concatenate([labels, records[:, 1:]], axis=1).tobytes()
+
+
+def write_cifar100_binary(folder: Path, train: int = 200, test: int = 40, seed: int = 0) -> Path:
+    """A complete ``cifar-100-binary`` folder: train.bin, test.bin and fine_label_names.txt
+    (class ``i`` named ``class_i``), fine labels cycling through all 100."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.bin").write_bytes(cifar100_records(np.arange(train) * 3 % 100, seed))
+    (folder / "test.bin").write_bytes(cifar100_records(np.arange(test) % 100, seed + 99))
+    (folder / "fine_label_names.txt").write_text("".join(f"class_{i}\n" for i in range(100)))
+    return folder
+
+
+@pytest.fixture
+def tiny_cifar100(tmp_path: Path) -> Path:
+    return write_cifar100_binary(tmp_path / "cifar-100-binary")

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import pytest
 from _reliability_util import cache_env, run_cli, snapshot, write_cifar_binary
+from conftest import write_cifar100_binary
 
 from kd_jax.cli.config import DistillConfig, TeacherConfig, to_json
 from kd_jax.cli.jobs import distill, train_teacher
@@ -137,7 +138,22 @@ def test_data_folder_of_another_dataset(capsys, existing, tmp_path):
 
 def test_unknown_dataset(capsys, existing, data_dir):
     assert teacher_error(capsys, existing, "--data-dir", data_dir, "--dataset", "imagenet") == \
-        "unknown dataset 'imagenet'; choose one of: cifar10, mnist"
+        "unknown dataset 'imagenet'; choose one of: cifar10, cifar100, mnist"
+
+
+def test_cifar10_folder_given_as_cifar100(capsys, existing, data_dir):
+    assert teacher_error(capsys, existing, "--data-dir", data_dir, "--dataset", "cifar100") == (
+        f"{data_dir}: no CIFAR-100 here (expected train.bin and test.bin, or the "
+        "cifar-100-python files)")
+
+
+def test_malformed_cifar100_file(capsys, existing, tmp_path):
+    folder = write_cifar100_binary(tmp_path / "cifar-100-binary", train=16, test=16)
+    raw = bytearray((folder / "train.bin").read_bytes())
+    raw[3074 * 3 + 1] = 100
+    (folder / "train.bin").write_bytes(bytes(raw))
+    assert teacher_error(capsys, existing, "--data-dir", tmp_path, "--dataset", "cifar100") == \
+        f"{folder / 'train.bin'}: fine label 100 at record 3 is outside 0..99"
 
 
 # --------------------------------------------------------------------------- safe loading
@@ -216,8 +232,21 @@ def test_corrupt_config_json_on_resume(capsys, existing, data_dir):
     (["--batch-size", "0"], "batch_size must be >= 1, got 0"),
     (["--batch-size", "-3"], "batch_size must be >= 1, got -3"),
     (["--model", "resnet7"],
-     "unknown model 'resnet7'; choose one of: mlp1, mlp2, mlp3, resnet10, resnet18, resnet34, "
-     "resnet8"),
+     "unknown model 'resnet7'; choose one of: mlp1, mlp2, mlp3, resnet10, resnet110, resnet18, "
+     "resnet20, resnet32, resnet32x4, resnet34, resnet56, resnet8, resnet8x4, vgg13, vgg8, "
+     "wrn_16_2, wrn_40_1, wrn_40_2"),
+    (["--lr-schedule", "cosine"], "lr_schedule must be linear or step, got 'cosine'"),
+    (["--lr-decay-epochs", "5"], "lr_decay_epochs needs lr_schedule step"),
+    (["--lr-schedule", "step", "--lr-decay-epochs", "5,3"],
+     "lr_decay_epochs must be increasing epochs >= 1, got '5,3'"),
+    (["--lr-schedule", "step", "--lr-decay-epochs", "150;180"],
+     "lr_decay_epochs must be a comma list of epochs, got '150;180'"),
+    (["--lr-schedule", "step", "--final-lr-factor", "0.1"],
+     "final_lr_factor needs lr_schedule linear"),
+    (["--lr-schedule", "step", "--lr-decay-factor", "0"],
+     "lr_decay_factor must be in (0, 1], got 0.0"),
+    (["--model", "wrn_40_2", "--whiten-patch", "2"],
+     "wrn_40_2 does not take whiten_patch (set to 2)"),
     (["--checkpoint-every-steps", "-1"], "checkpoint_every_steps must be >= 0, got -1"),
     (["--train-subset", "81"], "--train-subset must be in [1, 80], got 81"),
     (["--batch-size", "96"], "batch_size 96 exceeds the 80 training images"),
@@ -354,7 +383,21 @@ def test_teacher_of_another_dataset(capsys, existing, data_dir, teacher):
     (["--alpha", "-0.1"], "alpha must be in [0, 1], got -0.1"),
     (["--alpha", "1.5"], "alpha must be in [0, 1], got 1.5"),
     (["--student", "vgg"], "unknown model 'vgg'; choose one of: mlp1, mlp2, mlp3, resnet10, "
-                           "resnet18, resnet34, resnet8"),
+                           "resnet110, resnet18, resnet20, resnet32, resnet32x4, resnet34, "
+                           "resnet56, resnet8, resnet8x4, vgg13, vgg8, wrn_16_2, wrn_40_1, "
+                           "wrn_40_2"),
+    (["--loss", "dkd"], "loss dkd needs each image's true class, so it cannot run label-free "
+                        "(alpha 1): pass --alpha below 1 to train on labels too"),
+    (["--loss", "dkd", "--alpha", "1"], "loss dkd needs each image's true class, so it cannot "
+                                        "run label-free (alpha 1): pass --alpha below 1 to train "
+                                        "on labels too"),
+    (["--loss", "fitnet"], "unknown loss 'fitnet'; choose one of: dist, dkd, kd"),
+    (["--dkd-beta", "2"], "dkd_beta is a setting of loss dkd, not of kd"),
+    (["--loss", "dkd", "--alpha", "0.5", "--dist-gamma", "2"],
+     "dist_gamma is a setting of loss dist, not of dkd"),
+    (["--loss", "dkd", "--alpha", "0.5", "--dkd-beta", "-1"],
+     "loss dkd: beta must be >= 0, got -1.0"),
+    (["--loss", "dist", "--dist-beta", "-0.5"], "loss dist: beta must be >= 0, got -0.5"),
     (["--omit-class", "unicorn"], "unknown class 'unicorn'; choose one of: airplane, automobile, "
                                   "bird, cat, deer, dog, frog, horse, ship, truck"),
 ])

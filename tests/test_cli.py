@@ -51,7 +51,9 @@ def test_teacher_then_student_end_to_end(tiny_cifar, tmp_path):
     (["--alpha", "1.5"], "error: alpha must be in [0, 1], got 1.5"),
     (["--epochs", "0"], "error: epochs must be >= 1, got 0"),
     (["--student", "vgg"], "error: unknown model 'vgg'; choose one of: mlp1, mlp2, mlp3, "
-                           "resnet10, resnet18, resnet34, resnet8"),
+                           "resnet10, resnet110, resnet18, resnet20, resnet32, resnet32x4, "
+                           "resnet34, resnet56, resnet8, resnet8x4, vgg13, vgg8, wrn_16_2, "
+                           "wrn_40_1, wrn_40_2"),
     (["--omit-class", "zebra"], "error: unknown class 'zebra'; choose one of: airplane, "),
 ])
 def test_bad_distill_arguments_are_one_line_errors(tiny_cifar, tmp_path, args, message):
@@ -114,3 +116,49 @@ def test_narrow_resnet_beats_chance_on_real_cifar10(real_cifar, tmp_path):
     print(f"real CIFAR-10 (partly JPEG-derived), resnet8 w16, 4096 images, 3 epochs: "
           f"{100 * accuracy:.2f}%")
     assert accuracy > 0.3  # chance is 0.1
+
+
+PAIRS = {"resnet32x4_resnet8x4": ("resnet32x4", "resnet8x4", 8.0),
+         "wrn40_2_wrn16_2": ("wrn_40_2", "wrn_16_2", 6.0),
+         "resnet56_resnet20": ("resnet56", "resnet20", 2.0),
+         "vgg13_vgg8": ("vgg13", "vgg8", 6.0)}
+
+
+@pytest.mark.parametrize("pair", PAIRS)
+def test_cifar100_configs_state_the_benchmarks_recipe(pair):
+    """One teacher and one student file per standard pair, on RepDistiller's / mdistiller's
+    schedule; the DKD and DIST flags their comments give resolve to valid configs with the
+    papers' settings (mdistiller's beta for the pair)."""
+    import shlex
+
+    from kd_jax.cli.config import DistillConfig, TeacherConfig, build_parser, load_yaml, resolve
+    from kd_jax.core.models import MODELS
+
+    teacher, student, beta = PAIRS[pair]
+    t_path, s_path = (REPO / "configs" / f"cifar100_{name}.yaml" for name in (teacher, pair))
+    t_config = TeacherConfig(**load_yaml(t_path, TeacherConfig))
+    s_config = DistillConfig(**load_yaml(s_path, DistillConfig))
+    for config in (t_config, s_config):
+        config.validate()
+        assert (config.dataset, config.epochs, config.batch_size, config.learning_rate) == (
+            "cifar100", 240, 64, 0.05)
+        assert (config.lr_schedule, config.lr_decay_epochs, config.lr_decay_factor) == (
+            "step", "150,180,210", 0.1)
+        assert (config.momentum, config.nesterov, config.warmup_fraction) == (0.9, False, 0.0)
+        assert config.weight_decay == config.bn_weight_decay == 5e-4
+    assert (t_config.model, t_config.label_smoothing) == (teacher, 0.0)
+    assert (s_config.teacher_model, s_config.student) == (teacher, student)
+    assert {teacher, student} <= set(MODELS)
+    assert (s_config.loss, s_config.temperature, s_config.alpha) == ("kd", 4.0, 0.9)
+
+    text = s_path.read_text().replace("\\\n#    ", "")
+    recipes = [shlex.split(line.strip("# ")) for line in text.splitlines()
+               if line.startswith("#     --loss")]
+    parser = build_parser(DistillConfig, "")
+    dkd, dist = (resolve(DistillConfig, parser.parse_args(["--config", str(s_path), *flags]))
+                 for flags in recipes)
+    assert dkd.distill_loss().params == {"alpha": 1.0, "beta": beta, "warmup_epochs": 20}
+    assert dist.distill_loss().params == {"beta": 2.0, "gamma": 2.0}
+    for config in (dkd, dist):
+        assert (config.alpha, config.learning_rate, config.weight_decay,
+                config.bn_weight_decay) == (0.5, 0.1, 2.5e-4, 2.5e-4)

@@ -99,43 +99,52 @@ def test_train_subset_takes_the_first_images(tiny_cifar):
         ds.take_train(0)
 
 
-@pytest.fixture
-def archive_server(tmp_path):
-    """A CIFAR-10 archive served over HTTP on 127.0.0.1, as the official one is over the web."""
-    write_cifar_binary(tmp_path / "src" / "cifar-10-batches-bin")
+def serve_archive(tmp_path: Path, folder: Path, name: str):
+    """``folder`` as a .tar.gz served over HTTP on 127.0.0.1, as the official archives are over
+    the web: (url, archive bytes, the server to shut down)."""
     served = tmp_path / "served"
-    served.mkdir()
-    archive = served / "cifar-10-binary.tar.gz"
+    served.mkdir(exist_ok=True)
+    archive = served / name
     with tarfile.open(archive, "w:gz") as tar:
-        tar.add(tmp_path / "src" / "cifar-10-batches-bin", arcname="cifar-10-batches-bin")
+        tar.add(folder, arcname=folder.name)
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=served)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}/{archive.name}", archive.read_bytes()
+    return f"http://127.0.0.1:{server.server_port}/{name}", archive.read_bytes(), server
+
+
+@pytest.fixture
+def archive_server(tmp_path):
+    """A CIFAR-10 archive served locally."""
+    folder = write_cifar_binary(tmp_path / "src" / "cifar-10-batches-bin")
+    url, payload, server = serve_archive(tmp_path, folder, "cifar-10-binary.tar.gz")
+    yield url, payload
     server.shutdown()
 
 
-def url_info(payload: bytes, checksum: str | None = None):
+def url_info(payload: bytes, checksum: str | None = None, name: str = "cifar-10-binary.tar.gz"):
     from tensorflow_datasets.core.download import checksums
 
-    return checksums.UrlInfo(size=len(payload), filename="cifar-10-binary.tar.gz",
+    return checksums.UrlInfo(size=len(payload), filename=name,
                              checksum=checksum or hashlib.sha256(payload).hexdigest())
 
 
 def test_download_goes_through_tfds_and_is_cached(tmp_path, archive_server):
     pytest.importorskip("tensorflow_datasets")
     url, payload = archive_server
-    folder = data.download_cifar10(tmp_path / "cache", url, {url: url_info(payload)})
+    folder = data.download_cifar(data.CIFAR10, tmp_path / "cache", url, {url: url_info(payload)})
     assert len(data.load_binary_folder(folder).train_labels) == 200
     # The second call is offline: a URL nothing serves would fail if it were fetched.
-    assert data.download_cifar10(tmp_path / "cache", "http://127.0.0.1:9/none", {}) == folder
+    assert data.download_cifar(data.CIFAR10, tmp_path / "cache", "http://127.0.0.1:9/none",
+                               {}) == folder
 
 
 def test_download_with_wrong_checksum_is_refused(tmp_path, archive_server):
     pytest.importorskip("tensorflow_datasets")
     url, payload = archive_server
     with pytest.raises(KdError, match=r"^could not download CIFAR-10 \(NonMatchingChecksumError"):
-        data.download_cifar10(tmp_path / "cache", url, {url: url_info(payload, "0" * 64)})
+        data.download_cifar(data.CIFAR10, tmp_path / "cache", url,
+                            {url: url_info(payload, "0" * 64)})
     assert not (tmp_path / "cache" / "kd_jax" / "cifar-10-batches-bin").exists()
 
 

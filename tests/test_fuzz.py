@@ -24,6 +24,11 @@ from kd_jax.errors import KdError
 _PYTHON_BATCH = pickle.dumps({b"batch_label": b"x", b"labels": [1, 7, 3],
                               b"data": np.arange(3 * 3072, dtype=np.uint8).reshape(3, 3072)},
                              protocol=2)
+_PYTHON_100 = pickle.dumps({b"fine_labels": [99, 7, 3], b"coarse_labels": [19, 1, 0],
+                            b"data": np.arange(3 * 3072, dtype=np.uint8).reshape(3, 3072)},
+                           protocol=2)
+_BINARY_100 = (np.concatenate([np.array([[19, 99], [1, 7], [0, 3]], np.uint8),
+                               np.zeros((3, 3072), np.uint8)], axis=1).tobytes())
 _IDX_IMAGES = bytes([0, 0, 8, 3]) + np.array([2, 28, 28], ">u4").tobytes() + bytes(range(256)) * 6 \
     + bytes(32)
 _IDX_LABELS = bytes([0, 0, 8, 1]) + np.array([3], ">u4").tobytes() + bytes([4, 0, 9])
@@ -33,6 +38,10 @@ _YAML = b"epochs: 3\nbatch_size: 64\nlearning_rate: 0.1\nflip: true\nworkdir: ru
 LOADERS = {
     "cifar-binary": ("data_batch_1.bin", cifar_records(3, seed=0), data.read_binary_batch),
     "cifar-python": ("data_batch_1", _PYTHON_BATCH, data.read_python_batch),
+    "cifar100-binary": ("train.bin", _BINARY_100,
+                        lambda path: data.read_binary_batch(path, data.CIFAR100)),
+    "cifar100-python": ("train", _PYTHON_100,
+                        lambda path: data.read_python_batch(path, data.CIFAR100)),
     "mnist-images": ("train-images-idx3-ubyte", _IDX_IMAGES, lambda path: data.read_idx(path, 3)),
     "mnist-labels": ("train-labels-idx1-ubyte", _IDX_LABELS, lambda path: data.read_idx(path, 1)),
     "yaml-config": ("config.yaml", _YAML, lambda path: load_yaml(path, TeacherConfig)),

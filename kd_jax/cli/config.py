@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from kd_jax.core.augment import PAD_MODES, TTA_MODES
+from kd_jax.core.losses import LOSSES, DistillLoss, make_loss
+from kd_jax.core.optim import LR_SCHEDULES
 from kd_jax.core.teachers import COMBINE
 from kd_jax.errors import KdError
 
@@ -33,7 +35,13 @@ class RunConfig:
     learning_rate: float = 1.6
     warmup_fraction: float = 0.2  # of all steps; then linear decay to final_lr_factor * peak
     final_lr_factor: float = 0.0
+    # "step": after the warmup, multiply the rate by lr_decay_factor at each of the (0-based)
+    # epochs lr_decay_epochs, a comma list: the CIFAR-100 benchmarks' "150,180,210" and 0.1.
+    lr_schedule: str = "linear"
+    lr_decay_epochs: str = ""
+    lr_decay_factor: float = 0.1
     momentum: float = 0.9
+    nesterov: bool = True  # false: PyTorch's default momentum, as RepDistiller and mdistiller
     weight_decay: float = 5e-4  # applied to kernels only, not to BN scales or biases
     # Learning-rate factors by parameter group (kd_jax.core.optim.param_group), and the weight
     # decay of BatchNorm scales and biases.
@@ -104,10 +112,30 @@ class RunConfig:
             (self.dtype in ("auto", "float32", "bfloat16"),
              f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}"),
             (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other"),
+            (self.lr_schedule in LR_SCHEDULES,
+             f"lr_schedule must be {' or '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}"),
+            (self.lr_schedule == "step" or not self.lr_decay_epochs,
+             "lr_decay_epochs needs lr_schedule step"),
+            (self.lr_schedule == "linear" or not self.final_lr_factor,
+             "final_lr_factor needs lr_schedule linear"),
+            (0 < self.lr_decay_factor <= 1,
+             f"lr_decay_factor must be in (0, 1], got {self.lr_decay_factor}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise KdError(message)
+        decay_epochs(self.lr_decay_epochs)
+
+
+def decay_epochs(text: str) -> tuple[int, ...]:
+    """``"150,180,210"`` -> ``(150, 180, 210)``: positive, increasing epochs ("" -> none)."""
+    try:
+        epochs = tuple(int(e) for e in text.split(",")) if text.strip() else ()
+    except ValueError:
+        raise KdError(f"lr_decay_epochs must be a comma list of epochs, got {text!r}") from None
+    if any(e < 1 for e in epochs) or list(epochs) != sorted(set(epochs)):
+        raise KdError(f"lr_decay_epochs must be increasing epochs >= 1, got {text!r}")
+    return epochs
 
 
 @dataclasses.dataclass
@@ -138,7 +166,16 @@ class DistillConfig(RunConfig):
     combine: str = "probs"  # an ensemble's target: the mean of probabilities, or of logits
     teacher_model: str | None = None  # if set, refuse a teacher of another architecture
     teacher_width: int | None = None  # if set, refuse a teacher of another width
-    loss: str = "kd"  # the distillation loss (kd_jax.core.losses.LOSSES)
+    # The distillation loss (kd_jax.core.losses.LOSSES): kd (Hinton et al. 2015), dkd (Zhao et
+    # al. 2022; it needs the true class, so alpha < 1) or dist (Huang et al. 2022). A loss's
+    # own settings are the fields named after it (dkd_beta is dkd's beta); paper defaults.
+    loss: str = "kd"
+    standardize_logits: bool = False  # z-score every logit row first (Sun et al. 2024)
+    dkd_alpha: float = 1.0  # weight of TCKD, the target-vs-rest KL
+    dkd_beta: float = 8.0  # weight of NCKD, the KL among non-target classes
+    dkd_warmup_epochs: int = 20  # the DKD term's weight ramps up linearly over these epochs
+    dist_beta: float = 1.0  # weight of DIST's inter-class relation (per image)
+    dist_gamma: float = 1.0  # weight of DIST's intra-class relation (per class)
     student: str = "resnet18"
     student_width: int | None = None
     temperature: float = 4.0
@@ -162,6 +199,25 @@ class DistillConfig(RunConfig):
             raise KdError("--omit-class and --transfer-classes exclude each other")
         if self.combine not in COMBINE:
             raise KdError(f"combine must be {' or '.join(COMBINE)}, got {self.combine!r}")
+        for f in dataclasses.fields(self):
+            owner = f.name.split("_")[0]
+            if owner in LOSSES and owner != self.loss and getattr(self, f.name) != f.default:
+                raise KdError(f"{f.name} is a setting of loss {owner}, not of {self.loss}")
+        if self.distill_loss().needs_labels and self.alpha == 1:
+            raise KdError(f"loss {self.loss} needs each image's true class, so it cannot run "
+                          "label-free (alpha 1): pass --alpha below 1 to train on labels too")
+
+    def loss_params(self) -> dict[str, Any]:
+        """The chosen loss's own settings, as its builder takes them: the fields named
+        ``<loss>_<name>`` (``dkd_beta`` -> ``beta``)."""
+        prefix = f"{self.loss}_"
+        return {f.name[len(prefix):]: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name.startswith(prefix)}
+
+    def distill_loss(self) -> DistillLoss:
+        """The configured loss; ``KdError`` for an unknown name or a bad setting."""
+        return make_loss(self.loss, self.temperature, standardize=self.standardize_logits,
+                         **self.loss_params())
 
 
 def _field_types(cls: type) -> dict[str, type]:

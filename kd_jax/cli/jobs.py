@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from kd_jax import api
 from kd_jax.cli import distributed
-from kd_jax.cli.config import DistillConfig, RunConfig, TeacherConfig, to_json
+from kd_jax.cli.config import DistillConfig, RunConfig, TeacherConfig, decay_epochs, to_json
 from kd_jax.core import metrics
 from kd_jax.core.augment import Augmentation
 from kd_jax.core.checkpoint import load_frozen
@@ -31,7 +31,6 @@ from kd_jax.core.conv import CpuConv
 from kd_jax.core.data import Dataset, load_dataset
 from kd_jax.core.devices import check_batch_size, compute_dtype, make_mesh
 from kd_jax.core.evaluation import make_predict
-from kd_jax.core.losses import make_loss
 from kd_jax.core.models import (
     create_model,
     init_variables,
@@ -105,8 +104,8 @@ class _Job:
         self.augmentation = Augmentation(config.crop_pad, config.flip, self.dataset.mean,
                                          self.dataset.std, config.pad_mode,
                                          config.alternating_flip, config.cutout)
-        self.recipe = Recipe(**{f.name: getattr(config, f.name)
-                                for f in dataclasses.fields(Recipe)})
+        recipe = {f.name: getattr(config, f.name) for f in dataclasses.fields(Recipe)}
+        self.recipe = Recipe(**{**recipe, "lr_decay_epochs": decay_epochs(config.lr_decay_epochs)})
         (self.train_images, self.train_labels), held_out = self.dataset.hold_out(
             config.validation)
         self.eval_sets = {"test": (self.dataset.test_images, self.dataset.test_labels)}
@@ -298,15 +297,15 @@ def distill(config: DistillConfig, hooks: Sequence[Hook] = ()) -> dict:
         config = dataclasses.replace(config, teachers=[str(latest_run("teacher"))])
     job = _Job(config, "distill")
     student = job.model(config.student, config.student_width)
-    loss = make_loss(config.loss, config.temperature)
+    loss = config.distill_loss()
     omit = left_out_classes(job.dataset, config)
     named = [restore_teacher(workdir, job) for workdir in config.teachers]
     teachers = [teacher for _, teacher in named]
     transfer, held_out = split_transfer_set(job.train_labels, omit, config.holdout)
     images = job.train_images[transfer]
-    # Labels are handed over only when a hard-label term or the loss asks for them.
-    needs_labels = config.alpha != 1 or loss.needs_labels
-    labels = job.train_labels[transfer] if needs_labels else None
+    # Labels are handed over only with a hard-label term (and a loss that needs them, DKD,
+    # needs one: DistillConfig.validate).
+    labels = job.train_labels[transfer] if config.alpha != 1 else None
 
     def figures(state: TrainState) -> dict:
         found = {**job.figures(student, state, config.student), "transfer_images": len(transfer),

@@ -19,8 +19,9 @@ from kd_jax.core.trainer import Hook
 from kd_jax.errors import Interrupted, run_guarded
 
 TEACHER_HELP = "Train a teacher on labels (CIFAR-10 by default); see --help for the flags."
-DISTILL_HELP = ("Distill a student from a frozen teacher's outputs alone "
-                "(T^2 * KL of the softened distributions); see --help for the flags.")
+DISTILL_HELP = ("Distill a student from a frozen teacher's outputs (by default "
+                "T^2 * KL of the softened distributions; --loss dkd or dist for DKD or DIST); "
+                "see --help for the flags.")
 
 
 def main(config_class: type, job: Callable, description: str,

@@ -1,9 +1,11 @@
-"""CIFAR-10 and MNIST sources -> validated uint8 arrays.
+"""CIFAR-10, CIFAR-100 and MNIST sources -> validated uint8 arrays.
 
-Sources, in order: a local folder (``--data-dir`` or ``$KD_JAX_DATA_DIR``) in the standard
-*binary* layout (``data_batch_{1..5}.bin``, ``test_batch.bin``) or *python* layout
-(``cifar-10-batches-py``); else the official archive fetched once by tensorflow-datasets'
-download manager, checked against the checksum tfds registers for it, and cached.
+CIFAR sources, in order: a local folder (``--data-dir`` or ``$KD_JAX_DATA_DIR``) in the
+standard *binary* layout (CIFAR-10: ``data_batch_{1..5}.bin``, ``test_batch.bin``; CIFAR-100:
+``train.bin``, ``test.bin``) or *python* layout (``cifar-10-batches-py``,
+``cifar-100-python``); else the official binary archive fetched once by tensorflow-datasets'
+download manager, checked against the checksum tfds registers for it, and cached. What
+differs between the two datasets' files is a :class:`CifarLayout`; one reader serves both.
 
 MNIST is read from a local folder holding the four official IDX files (plain or ``.gz``).
 
@@ -28,22 +30,88 @@ from kd_jax.errors import KdError
 
 DATA_DIR_ENV = "KD_JAX_DATA_DIR"
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
+CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz"
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")
-# Per-channel statistics of the official CIFAR-10 training set (fraction of 255).
+# CIFAR-100's fine classes in label order (its fine_label_names.txt).
+CIFAR100_CLASSES = tuple("""
+    apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus
+    butterfly camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch
+    crab crocodile cup dinosaur dolphin elephant flatfish forest fox girl hamster house
+    kangaroo keyboard lamp lawn_mower leopard lion lizard lobster man maple_tree motorcycle
+    mountain mouse mushroom oak_tree orange orchid otter palm_tree pear pickup_truck pine_tree
+    plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew
+    skunk skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table tank
+    telephone television tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf
+    woman worm""".split())
+# Per-channel mean and standard deviation of the official training sets' pixels (fraction of
+# 255). CIFAR-100's are those computed over its 50,000 training images in e.g.
+# weiaicunzai/pytorch-cifar100 (conf/global_settings.py: 0.50708, 0.48655, 0.44092 and
+# 0.26733, 0.25644, 0.27615); RepDistiller's (0.5071, 0.4867, 0.4408) / (0.2675, 0.2565,
+# 0.2761) differ in the fourth digit.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 MNIST_CLASSES = tuple(str(d) for d in range(10))
 # Statistics of the official MNIST training set (fraction of 255).
 MNIST_MEAN = (0.1307,)
 MNIST_STD = (0.3081,)
-_RECORD_BYTES = 1 + 32 * 32 * 3
-# An official batch file holds 10,000 images; refusing bigger files before reading them keeps
-# a wrong path (a disk image, a video) from being pulled into memory.
-_MAX_RECORDS = 10_000
-_MAX_PICKLE_BYTES = 2 * _MAX_RECORDS * _RECORD_BYTES
-_BINARY_TRAIN = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
-_PYTHON_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+_PIXELS = 32 * 32 * 3
+
+
+@dataclass(frozen=True)
+class CifarLayout:
+    """What differs between the CIFAR-10 and CIFAR-100 files.
+
+    A binary record is one byte per entry of ``labels`` (python-layout key, number of
+    classes), in that order, then 3072 pixel bytes; the last label is the class trained on
+    (CIFAR-100's fine label; its coarse label is validated too). ``max_records`` is the most
+    images one official file holds: refusing bigger files before reading them keeps a wrong
+    path (a disk image, a video) from being pulled into memory.
+    """
+
+    name: str  # in messages: "CIFAR-10"
+    dataset: str  # the --dataset name
+    labels: tuple[tuple[str, int], ...]
+    class_names: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    max_records: int
+    binary_folder: str
+    binary_train: tuple[str, ...]
+    binary_test: str
+    names_file: str  # binary layout: class names, one a line
+    python_folder: str
+    python_train: tuple[str, ...]
+    python_test: str
+    meta_file: str  # python layout: a dict whose meta_key lists the class names
+    meta_key: str
+    url: str
+    checksums: str  # tfds' url_checksums file registering the archive
+
+    @property
+    def record_bytes(self) -> int:
+        return len(self.labels) + _PIXELS
+
+    @property
+    def expected(self) -> str:
+        """The files a folder of this dataset holds, for "not found" messages."""
+        return (f"{self.binary_train[0]} .. {self.binary_test}" if len(self.binary_train) > 1
+                else f"{self.binary_train[0]} and {self.binary_test}")
+
+
+CIFAR10 = CifarLayout(
+    "CIFAR-10", "cifar10", (("labels", 10),), CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD,
+    10_000, "cifar-10-batches-bin", tuple(f"data_batch_{i}.bin" for i in range(1, 6)),
+    "test_batch.bin", "batches.meta.txt", "cifar-10-batches-py",
+    tuple(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta", "label_names",
+    CIFAR10_URL, "cifar10.txt")
+CIFAR100 = CifarLayout(
+    "CIFAR-100", "cifar100", (("coarse_labels", 20), ("fine_labels", 100)), CIFAR100_CLASSES,
+    CIFAR100_MEAN, CIFAR100_STD, 50_000, "cifar-100-binary", ("train.bin",), "test.bin",
+    "fine_label_names.txt", "cifar-100-python", ("train",), "test", "meta", "fine_label_names",
+    CIFAR100_URL, "cifar100.txt")
 
 
 @dataclass(frozen=True)
@@ -88,54 +156,63 @@ class Dataset:
 
 
 # --------------------------------------------------------------------------- binary layout
-def read_binary_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read one CIFAR-10 ``.bin`` file: records of 1 label byte + 3072 pixel bytes (CHW)."""
-    _check_size(path, _MAX_RECORDS * _RECORD_BYTES)
+def read_binary_batch(path: Path, layout: CifarLayout = CIFAR10) -> tuple[np.ndarray, np.ndarray]:
+    """Read one ``.bin`` file: records of the label bytes + 3072 pixel bytes (CHW); returns
+    the images and the class labels, every label byte checked."""
+    _check_size(path, layout.max_records * layout.record_bytes, layout)
     raw = np.fromfile(path, dtype=np.uint8)
-    if raw.size == 0 or raw.size % _RECORD_BYTES:
+    if raw.size == 0 or raw.size % layout.record_bytes:
         raise KdError(f"{path}: size {raw.size} bytes is not a positive multiple of "
-                      f"{_RECORD_BYTES} (truncated or not a CIFAR-10 binary batch)")
-    records = raw.reshape(-1, _RECORD_BYTES)
-    labels = records[:, 0].astype(np.int32)
-    images = records[:, 1:].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    return np.ascontiguousarray(images), _checked_labels(labels, path)
+                      f"{layout.record_bytes} (truncated or not a {layout.name} binary batch)")
+    records = raw.reshape(-1, layout.record_bytes)
+    for i, (key, classes) in enumerate(layout.labels):
+        labels = _checked_labels(records[:, i].astype(np.int32), path, classes, _noun(key))
+    images = records[:, len(layout.labels):].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(images), labels
 
 
-def _check_size(path: Path, limit: int) -> None:
-    """Refuse a missing file, or one larger than any CIFAR-10 batch, before reading it."""
+def _noun(key: str) -> str:
+    """``fine_labels`` -> ``fine label``: a label field as messages name it."""
+    return key.removesuffix("s").replace("_", " ")
+
+
+def _check_size(path: Path, limit: int, layout: CifarLayout) -> None:
+    """Refuse a missing file, or one larger than any of the dataset's files, before reading."""
     if not path.is_file():
         raise KdError(f"{path}: file not found")
     size = path.stat().st_size
     if size > limit:
-        raise KdError(f"{path}: {size} bytes is more than a CIFAR-10 batch file holds "
-                      f"(at most {limit}); not a CIFAR-10 batch")
+        raise KdError(f"{path}: {size} bytes is more than a {layout.name} batch file holds "
+                      f"(at most {limit}); not a {layout.name} batch")
 
 
-def _checked_labels(labels: np.ndarray, path: Path, num_classes: int = 10) -> np.ndarray:
+def _checked_labels(labels: np.ndarray, path: Path, num_classes: int = 10,
+                    what: str = "label") -> np.ndarray:
     bad = (labels < 0) | (labels >= num_classes)
     if bad.any():
         i = int(np.argmax(bad))
-        raise KdError(f"{path}: label {int(labels[i])} at record {i} is outside "
+        raise KdError(f"{path}: {what} {int(labels[i])} at record {i} is outside "
                       f"0..{num_classes - 1}")
     return labels
 
 
-def _read_class_names(folder: Path, filename: str) -> tuple[str, ...]:
-    path = folder / filename
+def _read_class_names(folder: Path, layout: CifarLayout) -> tuple[str, ...]:
+    path = folder / layout.names_file
     if not path.is_file():
-        return CIFAR10_CLASSES
+        return layout.class_names
     names = tuple(line.strip() for line in path.read_text(errors="replace").splitlines()
                   if line.strip())
-    if len(names) != 10:
-        raise KdError(f"{path}: expected 10 class names, found {len(names)}")
+    if len(names) != len(layout.class_names):
+        raise KdError(f"{path}: expected {len(layout.class_names)} class names, "
+                      f"found {len(names)}")
     return names
 
 
-def load_binary_folder(folder: Path) -> Dataset:
-    """Load the standard binary layout (``cifar-10-batches-bin``)."""
-    train = [read_binary_batch(folder / name) for name in _BINARY_TRAIN]
-    test_images, test_labels = read_binary_batch(folder / "test_batch.bin")
-    return _cifar10(train, test_images, test_labels, _read_class_names(folder, "batches.meta.txt"))
+def load_binary_folder(folder: Path, layout: CifarLayout = CIFAR10) -> Dataset:
+    """Load the standard binary layout (``cifar-10-batches-bin``, ``cifar-100-binary``)."""
+    train = [read_binary_batch(folder / name, layout) for name in layout.binary_train]
+    test_images, test_labels = read_binary_batch(folder / layout.binary_test, layout)
+    return _cifar(layout, train, test_images, test_labels, _read_class_names(folder, layout))
 
 
 # --------------------------------------------------------------------------- python layout
@@ -170,64 +247,78 @@ def _latin1_encode(text: str, encoding: str) -> bytes:
     return text.encode("latin1")
 
 
-def safe_unpickle(path: Path) -> object:
+def safe_unpickle(path: Path, layout: CifarLayout = CIFAR10) -> object:
     """Unpickle ``path`` with :class:`_RestrictedUnpickler`; any failure becomes a ``KdError``."""
-    _check_size(path, _MAX_PICKLE_BYTES)
+    # A python batch pickles its pixels once, plus its labels and file names.
+    _check_size(path, 2 * layout.max_records * layout.record_bytes, layout)
     try:
         return _RestrictedUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
     except Exception as e:  # a corrupt pickle can raise nearly anything
         reason = " ".join(str(e).split())  # some of pickle's messages span two lines
-        raise KdError(f"{path}: not a safe CIFAR-10 python batch "
+        raise KdError(f"{path}: not a safe {layout.name} python batch "
                       f"({type(e).__name__}: {reason})") from None
 
 
-def read_python_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read one python-layout batch: a dict with ``data`` [N, 3072] uint8 and ``labels``."""
-    batch = safe_unpickle(path)
-    if not isinstance(batch, dict):
-        raise KdError(f"{path}: expected a dict, found {type(batch).__name__}")
-    batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
-    data, labels = batch.get("data"), batch.get("labels")
+def _str_keys(obj: object, path: Path) -> dict:
+    if not isinstance(obj, dict):
+        raise KdError(f"{path}: expected a dict, found {type(obj).__name__}")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def read_python_batch(path: Path, layout: CifarLayout = CIFAR10) -> tuple[np.ndarray, np.ndarray]:
+    """Read one python-layout batch: a dict with ``data`` [N, 3072] uint8 and the layout's
+    label lists (CIFAR-10 ``labels``; CIFAR-100 ``coarse_labels``, ``fine_labels``)."""
+    batch = _str_keys(safe_unpickle(path, layout), path)
+    data = batch.get("data")
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
-            or data.shape[1] != 3072 or not 0 < data.shape[0] <= _MAX_RECORDS:
-        raise KdError(f"{path}: 'data' must be a uint8 array of shape [N, 3072], "
-                      f"0 < N <= {_MAX_RECORDS}")
-    try:
-        labels = np.asarray(labels, dtype=np.int64)
-    except (TypeError, ValueError):
-        raise KdError(f"{path}: 'labels' must be a list of integers") from None
-    if labels.shape != (data.shape[0],):
-        raise KdError(f"{path}: {labels.size} labels for {data.shape[0]} images")
+            or data.shape[1] != _PIXELS or not 0 < data.shape[0] <= layout.max_records:
+        raise KdError(f"{path}: 'data' must be a uint8 array of shape [N, {_PIXELS}], "
+                      f"0 < N <= {layout.max_records}")
+    for key, classes in layout.labels:
+        try:
+            labels = np.asarray(batch.get(key), dtype=np.int64)
+        except (TypeError, ValueError):
+            raise KdError(f"{path}: '{key}' must be a list of integers") from None
+        if labels.shape != (data.shape[0],):
+            raise KdError(f"{path}: {labels.size} {key} for {data.shape[0]} images")
+        labels = _checked_labels(labels.astype(np.int32), path, classes, _noun(key))
     images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    return np.ascontiguousarray(images), _checked_labels(labels.astype(np.int32), path)
+    return np.ascontiguousarray(images), labels
 
 
-def load_python_folder(folder: Path) -> Dataset:
-    """Load the python layout (``cifar-10-batches-py``) without executing anything in it."""
-    train = [read_python_batch(folder / name) for name in _PYTHON_TRAIN]
-    test_images, test_labels = read_python_batch(folder / "test_batch")
-    names = CIFAR10_CLASSES
-    if (folder / "batches.meta").is_file():
-        meta = safe_unpickle(folder / "batches.meta")
-        raw = meta.get(b"label_names") if isinstance(meta, dict) else None
-        if isinstance(raw, list) and len(raw) == 10:
-            names = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in raw)
-    return _cifar10(train, test_images, test_labels, names)
+def _read_meta(path: Path, layout: CifarLayout) -> tuple[str, ...]:
+    """The class names a python layout's meta pickle lists (the layout's own when absent)."""
+    if not path.is_file():
+        return layout.class_names
+    names = _str_keys(safe_unpickle(path, layout), path).get(layout.meta_key)
+    count = len(layout.class_names)
+    if not isinstance(names, list) or len(names) != count:
+        raise KdError(f"{path}: expected {count} class names under '{layout.meta_key}'")
+    return tuple(n.decode(errors="replace") if isinstance(n, bytes) else str(n) for n in names)
 
 
-def _cifar10(train, test_images, test_labels, class_names) -> Dataset:
-    return Dataset("cifar10", np.concatenate([im for im, _ in train]),
+def load_python_folder(folder: Path, layout: CifarLayout = CIFAR10) -> Dataset:
+    """Load the python layout (``cifar-10-batches-py``, ``cifar-100-python``) without
+    executing anything in it."""
+    train = [read_python_batch(folder / name, layout) for name in layout.python_train]
+    test_images, test_labels = read_python_batch(folder / layout.python_test, layout)
+    return _cifar(layout, train, test_images, test_labels,
+                  _read_meta(folder / layout.meta_file, layout))
+
+
+def _cifar(layout: CifarLayout, train, test_images, test_labels, class_names) -> Dataset:
+    return Dataset(layout.dataset, np.concatenate([im for im, _ in train]),
                    np.concatenate([lb for _, lb in train]), test_images, test_labels,
-                   class_names, CIFAR10_MEAN, CIFAR10_STD)
+                   class_names, layout.mean, layout.std)
 
 
 # --------------------------------------------------------------------------- sources
-def find_cifar10_folder(root: Path) -> tuple[Path, str] | None:
-    """The folder holding a CIFAR-10 layout at or directly under ``root``, and which layout."""
-    for folder in (root, root / "cifar-10-batches-bin", root / "cifar-10-batches-py"):
-        if (folder / "data_batch_1.bin").exists() or (folder / "test_batch.bin").exists():
+def find_cifar_folder(root: Path, layout: CifarLayout = CIFAR10) -> tuple[Path, str] | None:
+    """The folder holding the dataset at or directly under ``root``, and which layout."""
+    for folder in (root, root / layout.binary_folder, root / layout.python_folder):
+        if (folder / layout.binary_train[0]).exists() or (folder / layout.binary_test).exists():
             return folder, "binary"
-        if (folder / "data_batch_1").exists() or (folder / "test_batch").exists():
+        if (folder / layout.python_train[0]).exists() or (folder / layout.python_test).exists():
             return folder, "python"
     return None
 
@@ -243,17 +334,28 @@ def data_root(data_dir: str | os.PathLike | None) -> Path | None:
     return root
 
 
-def load_cifar10(data_dir: str | os.PathLike | None = None) -> Dataset:
-    """Load CIFAR-10 from ``data_dir``, ``$KD_JAX_DATA_DIR``, or the tfds download cache."""
+def load_cifar(layout: CifarLayout, data_dir: str | os.PathLike | None = None) -> Dataset:
+    """Load a CIFAR dataset from ``data_dir``, ``$KD_JAX_DATA_DIR``, or the tfds download."""
     root = data_root(data_dir)
     if root is None:
-        return load_binary_folder(download_cifar10())
-    found = find_cifar10_folder(root)
+        return load_binary_folder(download_cifar(layout), layout)
+    found = find_cifar_folder(root, layout)
     if found is None:
-        raise KdError(f"{root}: no CIFAR-10 here (expected data_batch_1.bin .. test_batch.bin, "
-                      "or the cifar-10-batches-py files)")
-    folder, layout = found
-    return load_binary_folder(folder) if layout == "binary" else load_python_folder(folder)
+        raise KdError(f"{root}: no {layout.name} here (expected {layout.expected}, "
+                      f"or the {layout.python_folder} files)")
+    folder, kind = found
+    load = load_binary_folder if kind == "binary" else load_python_folder
+    return load(folder, layout)
+
+
+def load_cifar10(data_dir: str | os.PathLike | None = None) -> Dataset:
+    """CIFAR-10 (:func:`load_cifar`)."""
+    return load_cifar(CIFAR10, data_dir)
+
+
+def load_cifar100(data_dir: str | os.PathLike | None = None) -> Dataset:
+    """CIFAR-100 with its 100 fine labels (:func:`load_cifar`)."""
+    return load_cifar(CIFAR100, data_dir)
 
 
 def default_cache_dir() -> Path:
@@ -261,17 +363,19 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")).expanduser()
 
 
-def registered_url_infos() -> dict:
+def registered_url_infos(layout: CifarLayout = CIFAR10) -> dict:
     """The size and sha256 that tensorflow-datasets registers for the official archive."""
     import tensorflow_datasets as tfds  # heavy; only when downloading
     from tensorflow_datasets.core.download import checksums
 
-    return checksums.load_url_infos(Path(tfds.__file__).parent / "url_checksums" / "cifar10.txt")
+    return checksums.load_url_infos(Path(tfds.__file__).parent / "url_checksums"
+                                    / layout.checksums)
 
 
-def download_cifar10(cache_dir: Path | None = None, url: str = CIFAR10_URL,
-                     url_infos: dict | None = None) -> Path:
-    """Fetch and extract the official binary archive once; later calls are offline.
+def download_cifar(layout: CifarLayout, cache_dir: Path | None = None, url: str | None = None,
+                   url_infos: dict | None = None) -> Path:
+    """Fetch and extract the official binary archive (``layout.url`` unless ``url``) once;
+    later calls are offline.
 
     The download goes through tensorflow-datasets' download manager, which refuses a file
     whose size or sha256 differs from what tfds registers for it (``url_infos``). We extract
@@ -279,24 +383,25 @@ def download_cifar10(cache_dir: Path | None = None, url: str = CIFAR10_URL,
     use ``tfds.load``, whose dataset preparation needs TensorFlow too.
     """
     cache_dir = Path(cache_dir or default_cache_dir())
-    extracted = cache_dir / "kd_jax" / "cifar-10-batches-bin"
-    if (extracted / "test_batch.bin").is_file():
+    extracted = cache_dir / "kd_jax" / layout.binary_folder
+    if (extracted / layout.binary_test).is_file():
         return extracted
     import tensorflow_datasets as tfds
 
     try:
         manager = tfds.download.DownloadManager(
             download_dir=cache_dir / "downloads", force_checksums_validation=True,
-            url_infos=registered_url_infos() if url_infos is None else url_infos)
-        archive = Path(manager.download(url))
+            url_infos=registered_url_infos(layout) if url_infos is None else url_infos)
+        archive = Path(manager.download(url or layout.url))
         with tarfile.open(archive) as tar:
             tar.extractall(extracted.parent, filter="data")
     except Exception as e:  # network, checksum and archive failures, reported in one line
         reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise KdError(f"could not download CIFAR-10 ({type(e).__name__}: {reason}); pass "
+        raise KdError(f"could not download {layout.name} ({type(e).__name__}: {reason}); pass "
                       f"--data-dir or set {DATA_DIR_ENV} to a local copy") from None
-    if not (extracted / "test_batch.bin").is_file():
-        raise KdError(f"{archive}: the archive holds no cifar-10-batches-bin/test_batch.bin")
+    if not (extracted / layout.binary_test).is_file():
+        raise KdError(f"{archive}: the archive holds no "
+                      f"{layout.binary_folder}/{layout.binary_test}")
     return extracted
 
 
@@ -388,4 +493,4 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Datase
     return LOADERS[name](data_dir)
 
 
-LOADERS = {"cifar10": load_cifar10, "mnist": load_mnist}
+LOADERS = {"cifar10": load_cifar10, "cifar100": load_cifar100, "mnist": load_mnist}

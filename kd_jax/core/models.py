@@ -1,9 +1,21 @@
-"""Model zoo: CIFAR-stem ResNets and MNIST MLPs, built by name from a registry.
+"""Model zoo: CIFAR-stem ResNets, the CIFAR distillation benchmark's nets and MNIST MLPs,
+built by name from a registry.
 
 The ResNet follows the common PyTorch CIFAR ResNet (kuangliu/pytorch-cifar): a 3x3 stride-1
 stem with no max-pool, BasicBlocks, stages of width, 2*width, 4*width, 8*width with strides
 1/2/2/2, BatchNorm, global average pooling and a dense head. With ``width=64`` and 10 classes
 ``resnet18`` has exactly 11,173,962 parameters, the figure users compare against.
+
+The CIFAR-100 distillation benchmark (CRD, Tian et al. 2020; DKD, Zhao et al. 2022; DIST)
+uses RepDistiller's nets (``models/`` there), rebuilt here layer for layer with the same
+parameter counts: ``resnet20`` .. ``resnet110`` (He et al. 2016, sec. 4.2: three stages of
+16/32/64 channels, 6n+2 layers), ``resnet8x4`` and ``resnet32x4`` (a 32-channel stem, three
+stages of 64/128/256), the pre-activation wide ResNets ``wrn_16_2``, ``wrn_40_1``,
+``wrn_40_2`` (Zagoruyko & Komodakis 2016, WRN-depth-k) and the BatchNorm VGGs ``vgg8`` and
+``vgg13`` (RepDistiller's ``vgg8_bn``/``vgg13_bn``: five conv blocks, global average pooling,
+one linear layer). Their ``width`` is the first stage's (first block's) channels, as for
+``resnet18``; every other layer keeps the architecture's ratio to it. (kd-jax's older
+``resnet8`` is the 64-wide ResNet above with one block per stage, not RepDistiller's.)
 
 The MLPs are the nets of Hinton et al. (2015, sec. 3): ``mlp2`` at width 1200 is the MNIST
 teacher 784-1200-1200-10, at width 800 the student 784-800-800-10.
@@ -32,6 +44,7 @@ class BasicBlock(nn.Module):
     strides: int
     conv: ModuleDef
     norm: ModuleDef
+    zero_init: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -40,8 +53,9 @@ class BasicBlock(nn.Module):
         y = nn.relu(self.norm()(y))
         y = self.conv(self.features, (3, 3))(y)
         # Zero-init the last BN scale of each block: every block starts as the identity,
-        # which trains faster in short schedules (Goyal et al. 2017).
-        y = self.norm(scale_init=nn.initializers.zeros)(y)
+        # which trains faster in short schedules (Goyal et al. 2017). RepDistiller's ResNets
+        # start it at 1, as PyTorch does.
+        y = self.norm(scale_init=nn.initializers.zeros)(y) if self.zero_init else self.norm()(y)
         if residual.shape != y.shape:
             residual = self.conv(self.features, (1, 1), (self.strides, self.strides))(residual)
             residual = self.norm()(residual)
@@ -56,6 +70,8 @@ class ResNet(nn.Module):
     at 1 (airbench and Page's ResNet-9 freeze them); the zero-initialised last scale of each
     block then goes too. ``whiten_patch > 0`` puts a :class:`Whitening` layer in front of
     the stem (its kernel is set from the data by :func:`whitening_kernel` and never trained).
+    The stem has ``width // stem_divisor`` channels (RepDistiller's x4 ResNets: 2);
+    ``zero_init=False`` starts every BN scale at 1 (RepDistiller's ResNets).
     """
 
     stage_sizes: Sequence[int]
@@ -67,24 +83,117 @@ class ResNet(nn.Module):
     bn_scale: bool = True
     whiten_patch: int = 0
     conv: ModuleDef = nn.Conv  # e.g. kd_jax.core.conv.CpuConv, faster to train on CPUs
+    stem_divisor: int = 1
+    zero_init: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        conv = partial(self.conv, use_bias=False, dtype=self.dtype, padding="SAME",
-                       kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"))
-        norm = partial(nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
-                       epsilon=self.bn_epsilon, dtype=self.dtype, use_scale=self.bn_scale)
+        conv = _conv(self.conv, self.dtype)
+        norm = _norm(train, self.bn_momentum, self.bn_epsilon, self.bn_scale, self.dtype)
         x = x.astype(self.dtype)
         if self.whiten_patch:
             x = nn.relu(Whitening(self.whiten_patch, dtype=self.dtype, name="Whitening")(x))
-        x = nn.relu(norm()(conv(self.width, (3, 3))(x)))
+        x = nn.relu(norm()(conv(max(self.width // self.stem_divisor, 1), (3, 3))(x)))
         for stage, num_blocks in enumerate(self.stage_sizes):
             for block in range(num_blocks):
                 strides = 2 if stage > 0 and block == 0 else 1
-                x = BasicBlock(self.width * 2**stage, strides, conv, norm)(x)
+                x = BasicBlock(self.width * 2**stage, strides, conv, norm, self.zero_init)(x)
         x = jnp.mean(x, axis=(1, 2))
         x = nn.Dense(self.num_classes, dtype=self.dtype)(x)
         return x.astype(jnp.float32)
+
+
+def _conv(conv: ModuleDef, dtype: Any, use_bias: bool = False) -> ModuleDef:
+    """The zoo's convolution: He et al.'s fan-out normal init (PyTorch's
+    ``kaiming_normal_(mode="fan_out")``, RepDistiller's init of every net here)."""
+    return partial(conv, use_bias=use_bias, dtype=dtype, padding="SAME",
+                   kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"))
+
+
+def _norm(train: bool, momentum: float, epsilon: float, scale: bool, dtype: Any) -> ModuleDef:
+    """BatchNorm in flax's convention (``momentum`` 0.9 is PyTorch's 0.1)."""
+    return partial(nn.BatchNorm, use_running_average=not train, momentum=momentum,
+                   epsilon=epsilon, dtype=dtype, use_scale=scale)
+
+
+class WideBlock(nn.Module):
+    """A pre-activation wide-ResNet block (Zagoruyko & Komodakis 2016, fig. 1d; RepDistiller's
+    ``wrn.BasicBlock``): BN-ReLU-conv3x3-BN-ReLU-conv3x3, plus the input, or a 1x1 projection
+    of the *activated* input when the channels change."""
+
+    features: int
+    strides: int
+    conv: ModuleDef
+    norm: ModuleDef
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        activated = nn.relu(self.norm()(x))
+        y = self.conv(self.features, (3, 3), (self.strides, self.strides))(activated)
+        y = self.conv(self.features, (3, 3))(nn.relu(self.norm()(y)))
+        if x.shape[-1] != self.features or self.strides != 1:
+            x = self.conv(self.features, (1, 1), (self.strides, self.strides))(activated)
+        return x + y
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-k for 32x32 images: a 3x3 stem of ``width // widen`` channels, three stages
+    of ``(depth - 4) / 6`` :class:`WideBlock` s with ``width``, 2x and 4x channels (strides
+    1/2/2), a final BN-ReLU, global average pooling and a dense head. ``width = 16 * k``
+    is the paper's WRN-depth-k."""
+
+    blocks: int
+    widen: int
+    num_classes: int = 10
+    width: int = 32
+    dtype: Any = jnp.float32
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-5
+    bn_scale: bool = True
+    conv: ModuleDef = nn.Conv
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        conv = _conv(self.conv, self.dtype)
+        norm = _norm(train, self.bn_momentum, self.bn_epsilon, self.bn_scale, self.dtype)
+        x = conv(max(self.width // self.widen, 1), (3, 3))(x.astype(self.dtype))
+        for stage in range(3):
+            for block in range(self.blocks):
+                strides = 2 if stage > 0 and block == 0 else 1
+                x = WideBlock(self.width * 2**stage, strides, conv, norm)(x)
+        x = jnp.mean(nn.relu(norm()(x)), axis=(1, 2))
+        return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
+
+
+class VGG(nn.Module):
+    """RepDistiller's CIFAR VGG with BatchNorm: five blocks of 3x3 conv (with bias)-BN-ReLU,
+    ``blocks[i]`` listing each block's channels as multiples of ``width``; 2x2 max-pools after
+    the first three blocks (none after the fourth at 32x32, as there), global average pooling
+    and one dense layer (init N(0, 0.01), as there) instead of VGG's three."""
+
+    blocks: Sequence[Sequence[int]]
+    num_classes: int = 10
+    width: int = 64
+    dtype: Any = jnp.float32
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-5
+    bn_scale: bool = True
+    conv: ModuleDef = nn.Conv
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        conv = _conv(self.conv, self.dtype, use_bias=True)
+        norm = _norm(train, self.bn_momentum, self.bn_epsilon, self.bn_scale, self.dtype)
+        x = x.astype(self.dtype)
+        for i, block in enumerate(self.blocks):
+            if 0 < i < 4:
+                x = nn.max_pool(x, (2, 2), (2, 2))
+            for multiple in block:
+                x = nn.relu(norm()(conv(self.width * multiple, (3, 3))(x)))
+        x = jnp.mean(x, axis=(1, 2))
+        head = nn.Dense(self.num_classes, dtype=self.dtype,
+                        kernel_init=nn.initializers.normal(0.01))
+        return head(x).astype(jnp.float32)
 
 
 class Whitening(nn.Module):
@@ -161,7 +270,8 @@ class MLP(nn.Module):
 # The options each family takes; create_model refuses the others' when they differ from
 # the defaults, so a flag that would do nothing says so.
 MLP_OPTIONS = ("dropout", "input_dropout")
-RESNET_OPTIONS = ("bn_momentum", "bn_epsilon", "bn_scale", "whiten_patch")
+BN_OPTIONS = ("bn_momentum", "bn_epsilon", "bn_scale")
+RESNET_OPTIONS = (*BN_OPTIONS, "whiten_patch")
 
 
 def _mlp(depth: int) -> Callable[..., nn.Module]:
@@ -172,22 +282,52 @@ def _mlp(depth: int) -> Callable[..., nn.Module]:
     return build
 
 
-def _resnet(stage_sizes: Sequence[int]) -> Callable[..., nn.Module]:
-    def build(num_classes: int, width: int, dtype: Any, **options: Any) -> nn.Module:
-        return ResNet(stage_sizes=stage_sizes, num_classes=num_classes, width=width, dtype=dtype,
-                      **options)
+def _builder(module: type[nn.Module], options: Sequence[str],
+             **architecture: Any) -> Callable[..., nn.Module]:
+    def build(num_classes: int, width: int, dtype: Any, **chosen: Any) -> nn.Module:
+        return module(**architecture, num_classes=num_classes, width=width, dtype=dtype,
+                      **chosen)
 
-    build.options = RESNET_OPTIONS
+    build.options = options
     return build
 
 
+def _resnet(stage_sizes: Sequence[int], **architecture: Any) -> Callable[..., nn.Module]:
+    return _builder(ResNet, RESNET_OPTIONS, stage_sizes=tuple(stage_sizes), **architecture)
+
+
+def _cifar_resnet(depth: int, stem_divisor: int = 1) -> Callable[..., nn.Module]:
+    """RepDistiller's ResNet-depth: 3 stages of (depth - 2) / 6 blocks, BN scales from 1."""
+    return _resnet(((depth - 2) // 6,) * 3, stem_divisor=stem_divisor, zero_init=False)
+
+
+def _wrn(depth: int, widen: int) -> Callable[..., nn.Module]:
+    return _builder(WideResNet, BN_OPTIONS, blocks=(depth - 4) // 6, widen=widen)
+
+
+def _vgg(*blocks: Sequence[int]) -> Callable[..., nn.Module]:
+    return _builder(VGG, BN_OPTIONS, blocks=tuple(map(tuple, blocks)))
+
+
 # name -> (builder, default width). ``width`` is the first stage's channels for ResNets and
-# the units of every hidden layer for MLPs (``mlpN`` has N hidden layers).
+# WRNs, the first block's for VGGs, and the units of every hidden layer for MLPs (``mlpN``
+# has N hidden layers).
 MODELS: dict[str, tuple[Callable[..., nn.Module], int]] = {
     "resnet8": (_resnet((1, 1, 1)), 64),
     "resnet10": (_resnet((1, 1, 1, 1)), 64),
     "resnet18": (_resnet((2, 2, 2, 2)), 64),
     "resnet34": (_resnet((3, 4, 6, 3)), 64),
+    "resnet20": (_cifar_resnet(20), 16),
+    "resnet32": (_cifar_resnet(32), 16),
+    "resnet56": (_cifar_resnet(56), 16),
+    "resnet110": (_cifar_resnet(110), 16),
+    "resnet8x4": (_cifar_resnet(8, stem_divisor=2), 64),
+    "resnet32x4": (_cifar_resnet(32, stem_divisor=2), 64),
+    "wrn_16_2": (_wrn(16, 2), 32),
+    "wrn_40_1": (_wrn(40, 1), 16),
+    "wrn_40_2": (_wrn(40, 2), 32),
+    "vgg8": (_vgg((1,), (2,), (4,), (8,), (8,)), 64),
+    "vgg13": (_vgg((1, 1), (2, 2), (4, 4), (8, 8), (8, 8)), 64),
     "mlp1": (_mlp(1), 800),
     "mlp2": (_mlp(2), 1200),
     "mlp3": (_mlp(3), 1200),
@@ -199,9 +339,10 @@ def create_model(name: str, num_classes: int = 10, width: int | None = None,
                  **options: Any) -> nn.Module:
     """Build a registered model; raises ``KdError`` naming the choices for an unknown name.
 
-    ``conv`` replaces a ResNet's ``nn.Conv`` (MLPs have none). ``options`` are the family's
-    fields (:data:`MLP_OPTIONS`, :data:`RESNET_OPTIONS`); any other family's option is
-    accepted only at its default, where it changes nothing.
+    ``conv`` replaces every convolutional model's ``nn.Conv`` (MLPs have none). ``options``
+    are the family's fields (:data:`MLP_OPTIONS`, :data:`RESNET_OPTIONS`, :data:`BN_OPTIONS`
+    for the wide ResNets and VGGs); any other family's option is accepted only at its
+    default, where it changes nothing.
     """
     width = model_width(name, width)
     build = MODELS[name][0]

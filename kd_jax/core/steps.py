@@ -113,42 +113,50 @@ def teacher_step(state: TrainState, images: jax.Array, labels: jax.Array, rng: j
 
 
 def _soft_step(ensemble: tuple, loss: DistillLoss, alpha: float, combine: str,
-               teacher_variables: tuple, state: TrainState, images: jax.Array,
-               labels: jax.Array | None, rng: jax.Array) -> tuple[TrainState, Metrics]:
+               steps_per_epoch: int | None, teacher_variables: tuple, state: TrainState,
+               images: jax.Array, labels: jax.Array | None,
+               rng: jax.Array) -> tuple[TrainState, Metrics]:
     apply_fns, sizes = ensemble
     logits = teacher_logits(apply_fns, sizes, teacher_variables, images)
     target = target_log_probs(logits, loss.temperature, combine,
                               standardize if loss.standardize else None)
+    epoch = state.step // steps_per_epoch if loss.warmup_epochs else 0
     state, value, student = _descend(
-        state, images, rng, lambda s: distillation_loss(s, target, loss, alpha, labels))
+        state, images, rng, lambda s: distillation_loss(s, target, loss, alpha, labels, epoch))
     agreement = jnp.mean(jnp.argmax(student, -1) == jnp.argmax(target, -1))
     return state, {"distill_loss": value, "train_agreement": agreement}
 
 
-def _label_free_step(ensemble, loss, combine, teacher_variables, state, images, rng):
-    return _soft_step(ensemble, loss, 1.0, combine, teacher_variables, state, images, None, rng)
+def _label_free_step(ensemble, loss, combine, steps_per_epoch, teacher_variables, state, images,
+                     rng):
+    return _soft_step(ensemble, loss, 1.0, combine, steps_per_epoch, teacher_variables, state,
+                      images, None, rng)
 
 
 def make_distill_step(teachers: Ensemble, loss: DistillLoss, alpha: float = 1.0,
-                      combine: str = "probs") -> StepFn:
+                      combine: str = "probs", steps_per_epoch: int | None = None) -> StepFn:
     """The student's step, closing over the frozen teachers.
 
     The teachers run in inference mode on exactly the augmented batch the student sees, and
     only the student is differentiated; their target is the ensemble's (see
     :mod:`kd_jax.core.teachers`). With ``alpha == 1`` and a loss that needs no labels the
     step is ``step(state, images, rng)``: it has no way to receive labels; otherwise
-    ``step(state, images, labels, rng)``.
+    ``step(state, images, labels, rng)``. A loss with a warm-up (DKD) needs
+    ``steps_per_epoch``: its weight follows the epoch ``state.step // steps_per_epoch``, so
+    a resumed run continues the ramp where it stopped.
 
     The closure is a ``jax.tree_util.Partial``: a pytree whose leaves are the teachers'
     arrays, so when the step is handed to a jitted program they enter it as arguments. A plain
     Python closure would bake ~45 MB per ResNet-18 into the compiled program as constants.
     Nothing ever updates them: the teachers stay bit-identical.
     """
+    if loss.warmup_epochs and not steps_per_epoch:
+        raise ValueError(f"loss {loss.name} warms up over epochs: pass steps_per_epoch")
     static = (teachers.apply_fns, teachers.sizes)
     if alpha == 1.0 and not loss.needs_labels:
-        step = partial(_label_free_step, static, loss, combine)
+        step = partial(_label_free_step, static, loss, combine, steps_per_epoch)
     else:
-        step = partial(_soft_step, static, loss, alpha, combine)
+        step = partial(_soft_step, static, loss, alpha, combine, steps_per_epoch)
     return jax.tree_util.Partial(step, teachers.stacked)
 
 
