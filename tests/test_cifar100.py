@@ -201,7 +201,6 @@ def info(payload: bytes, checksum: str | None = None):
 
 
 def test_download_goes_through_tfds_and_is_cached(tmp_path, archive):
-    pytest.importorskip("tensorflow_datasets")
     url, payload = archive
     folder = data.download_cifar(data.CIFAR100, tmp_path / "cache", url, {url: info(payload)})
     assert folder == tmp_path / "cache" / "kd_jax" / "cifar-100-binary"
@@ -214,7 +213,6 @@ def test_download_goes_through_tfds_and_is_cached(tmp_path, archive):
 
 def test_load_without_data_dir_uses_the_download(tmp_path, archive, monkeypatch):
     """No --data-dir: the official URL, through the registered checksum (both stood in for)."""
-    pytest.importorskip("tensorflow_datasets")
     url, payload = archive
     monkeypatch.delenv("KD_JAX_DATA_DIR", raising=False)
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
@@ -226,7 +224,6 @@ def test_load_without_data_dir_uses_the_download(tmp_path, archive, monkeypatch)
 
 
 def test_download_with_wrong_checksum_is_refused(tmp_path, archive):
-    pytest.importorskip("tensorflow_datasets")
     url, payload = archive
     with pytest.raises(KdError, match=r"^could not download CIFAR-100 \(NonMatchingChecksumError"):
         data.download_cifar(data.CIFAR100, tmp_path / "cache", url,
@@ -235,7 +232,6 @@ def test_download_with_wrong_checksum_is_refused(tmp_path, archive):
 
 
 def test_archive_without_the_test_file_is_refused(tmp_path):
-    pytest.importorskip("tensorflow_datasets")
     wrong = write_cifar_binary(tmp_path / "src" / "cifar-100-binary")  # CIFAR-10 files inside
     url, payload, server = serve_archive(tmp_path, wrong, "cifar-100-binary.tar.gz")
     try:
@@ -249,7 +245,6 @@ def test_archive_without_the_test_file_is_refused(tmp_path):
 
 
 def test_official_archive_checksum_comes_from_tfds():
-    pytest.importorskip("tensorflow_datasets")
     registered = data.registered_url_infos(data.CIFAR100)[data.CIFAR100_URL]
     assert data.CIFAR100_URL == "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz"
     assert registered.checksum == ("58a81ae192c23a4be8b1804d68e518ed807d710a4eb253b1f2a199162a40"

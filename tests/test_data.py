@@ -4,8 +4,10 @@ import http.server
 import io
 import os
 import pickle
+import re
 import tarfile
 import threading
+import time
 from pathlib import Path
 
 import jax
@@ -130,7 +132,6 @@ def url_info(payload: bytes, checksum: str | None = None, name: str = "cifar-10-
 
 
 def test_download_goes_through_tfds_and_is_cached(tmp_path, archive_server):
-    pytest.importorskip("tensorflow_datasets")
     url, payload = archive_server
     folder = data.download_cifar(data.CIFAR10, tmp_path / "cache", url, {url: url_info(payload)})
     assert len(data.load_binary_folder(folder).train_labels) == 200
@@ -140,7 +141,6 @@ def test_download_goes_through_tfds_and_is_cached(tmp_path, archive_server):
 
 
 def test_download_with_wrong_checksum_is_refused(tmp_path, archive_server):
-    pytest.importorskip("tensorflow_datasets")
     url, payload = archive_server
     with pytest.raises(KdError, match=r"^could not download CIFAR-10 \(NonMatchingChecksumError"):
         data.download_cifar(data.CIFAR10, tmp_path / "cache", url,
@@ -148,8 +148,22 @@ def test_download_with_wrong_checksum_is_refused(tmp_path, archive_server):
     assert not (tmp_path / "cache" / "kd_jax" / "cifar-10-batches-bin").exists()
 
 
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/cifar.tar.gz",  # nothing listens there
+                                 "https://no-such-host.invalid/cifar.tar.gz"])
+def test_an_unreachable_host_is_one_line_within_seconds(tmp_path, url):
+    """Offline, tfds' manager retried for minutes before its error: refuse before it starts."""
+    start = time.perf_counter()
+    with pytest.raises(KdError) as error:
+        data.download_cifar(data.CIFAR10, tmp_path / "cache", url, {})
+    assert time.perf_counter() - start < 2 * data.REACH_SECONDS
+    host = url.split("/")[2].split(":")[0]
+    assert re.fullmatch(rf"cannot reach {re.escape(host)}:(9|443) to download the data \(.+; no "
+                        r"network\?\): pass --data-dir or set KD_JAX_DATA_DIR to a local copy",
+                        str(error.value)), str(error.value)
+    assert not (tmp_path / "cache").exists()
+
+
 def test_official_archive_checksum_comes_from_tfds():
-    pytest.importorskip("tensorflow_datasets")
     info = data.registered_url_infos()[data.CIFAR10_URL]
     assert info.checksum == "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd"
     assert info.size == 170052171

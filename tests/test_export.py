@@ -13,12 +13,8 @@ import re
 import sys
 
 import numpy as np
-import pytest
-
-pytest.importorskip("onnxruntime")
-pytest.importorskip("jax2onnx")
-
 import onnx  # noqa: E402
+import pytest
 from PIL import Image  # noqa: E402
 
 from kd_jax import export, predict, quantize, report  # noqa: E402
