@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import typing
 from pathlib import Path
@@ -24,31 +25,30 @@ from kd_jax.errors import KdError
 class RunConfig:
     """What teacher training and distillation share."""
 
-    dataset: str = "cifar10"
+    dataset: str = "cifar10"  # cifar10, cifar100 or mnist
     data_dir: str | None = None  # else $KD_JAX_DATA_DIR, else download through tfds
     workdir: str | None = None  # default runs/<job>-<timestamp>
-    epochs: int = 10
-    batch_size: int = 512
-    eval_batch_size: int = 1000
+    epochs: int = 10  # passes over the training set
+    batch_size: int = 512  # global batch, split over the devices
+    eval_batch_size: int = 1000  # images per evaluation call (memory only)
     # Peak of the warmup + linear-decay schedule; 1.6 at batch 512 was picked on a validation
     # split over 0.4-2.4 on an H200 (docs/RESULTS.md): 0.4 trained ~2 points worse in 10 epochs.
     learning_rate: float = 1.6
-    warmup_fraction: float = 0.2  # of all steps; then linear decay to final_lr_factor * peak
-    final_lr_factor: float = 0.0
-    # "step": after the warmup, multiply the rate by lr_decay_factor at each of the (0-based)
-    # epochs lr_decay_epochs, a comma list: the CIFAR-100 benchmarks' "150,180,210" and 0.1.
+    warmup_fraction: float = 0.2  # warm up over this fraction of all steps, then decay
+    final_lr_factor: float = 0.0  # the linear decay ends at this fraction of the peak
+    # After the warmup: "linear" decay, or "step": the rate times lr_decay_factor from each
+    # of the (0-based) epochs lr_decay_epochs on (the CIFAR-100 benchmarks' "150,180,210", 0.1).
     lr_schedule: str = "linear"
-    lr_decay_epochs: str = ""
-    lr_decay_factor: float = 0.1
-    momentum: float = 0.9
+    lr_decay_epochs: str = ""  # step schedule: a comma list of epochs
+    lr_decay_factor: float = 0.1  # step schedule: the factor at each of those epochs
+    momentum: float = 0.9  # SGD momentum
     nesterov: bool = True  # false: PyTorch's default momentum, as RepDistiller and mdistiller
     weight_decay: float = 5e-4  # applied to kernels only, not to BN scales or biases
-    # Learning-rate factors by parameter group (kd_jax.core.optim.param_group), and the weight
-    # decay of BatchNorm scales and biases.
-    bn_lr_factor: float = 1.0
-    head_lr_factor: float = 1.0
-    bias_lr_factor: float = 1.0
-    bn_weight_decay: float = 0.0
+    # Learning-rate factors by parameter group (kd_jax.core.optim.param_group):
+    bn_lr_factor: float = 1.0  # BatchNorm scales and biases (airbench drives BN biases 64x)
+    head_lr_factor: float = 1.0  # the final dense layer
+    bias_lr_factor: float = 1.0  # the other biases
+    bn_weight_decay: float = 0.0  # weight decay of BatchNorm scales and biases
     ema_decay: float = 0.0  # > 0: evaluate and ship an exponential moving average of the weights
     dtype: str = "auto"  # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU
     crop_pad: int = 4  # random translation by up to this many pixels (0 = none)
@@ -58,23 +58,21 @@ class RunConfig:
     cutout: int = 0  # > 0: blank a random square of this side in each training image
     tta: str = "none"  # final test-time augmentation: none, flip or flip_translate
     # ResNets: BatchNorm's running-average momentum (flax convention: PyTorch's 0.1 is 0.9)
-    # and epsilon; bn_scale false fixes every BN scale at 1; whiten_patch > 0 puts a frozen
-    # PCA-whitening layer of that patch size in front of the stem.
     bn_momentum: float = 0.9
-    bn_epsilon: float = 1e-5
-    bn_scale: bool = True
-    whiten_patch: int = 0
+    bn_epsilon: float = 1e-5  # ResNets: BatchNorm's epsilon
+    bn_scale: bool = True  # ResNets: false fixes every BatchNorm scale at 1
+    whiten_patch: int = 0  # > 0: a frozen PCA-whitening layer of this patch size before the stem
     dropout: float = 0.0  # MLPs: dropout rate of hidden units (Hinton et al. 2012: 0.5)
     input_dropout: float = 0.0  # MLPs: dropout rate of input pixels (Hinton et al. 2012: 0.2)
     max_norm: float = 0.0  # > 0: cap each unit's incoming weight norm after every update
     train_subset: int | None = None  # use only the first N training images
     validation: int = 0  # hold out the last N training images, report val_accuracy (tuning)
     steps_per_dispatch: int = 0  # train steps per jitted call (0 = about 10 calls per epoch)
-    seed: int = 0
+    seed: int = 0  # initialisation, data order and augmentation all derive from it
     checkpoint_every_steps: int = 0  # also checkpoint mid-epoch every N steps (0 = epochs only)
-    resume: bool = False
-    overwrite: bool = False
-    progress: bool = True
+    resume: bool = False  # continue the workdir's run from its latest checkpoint
+    overwrite: bool = False  # replace the run in the workdir
+    progress: bool = True  # a progress bar on the terminal
 
     def validate(self) -> None:
         """Raise ``KdError`` for the first setting that cannot work."""
@@ -142,7 +140,7 @@ def decay_epochs(text: str) -> tuple[int, ...]:
 class TeacherConfig(RunConfig):
     """``train_teacher.py``: a model trained on labels with cross-entropy."""
 
-    model: str = "resnet18"
+    model: str = "resnet18"  # the architecture (kd_jax.core.models.MODELS)
     width: int | None = None  # first-stage channels (resnet default 64)
     # 0.2 came with the learning rate in the validation-split pick; Mueller et al. (2019) found
     # smoothed teachers distill worse; here T=4 students ended 0.15-0.65 points below their
@@ -159,8 +157,8 @@ class TeacherConfig(RunConfig):
 class DistillConfig(RunConfig):
     """``distill.py``: a student trained on a frozen teacher's softened outputs."""
 
-    # Teacher workdirs (flag --teacher-dir, once per teacher; YAML: a list); several are an
-    # ensemble. Default: the latest runs/teacher-*.
+    # A teacher's workdir; repeat for an ensemble (YAML: teachers, a list). Default: the
+    # latest runs/teacher-*.
     teachers: list[str] | None = dataclasses.field(default=None,
                                                    metadata={"flag": "--teacher-dir"})
     combine: str = "probs"  # an ensemble's target: the mean of probabilities, or of logits
@@ -176,9 +174,9 @@ class DistillConfig(RunConfig):
     dkd_warmup_epochs: int = 20  # the DKD term's weight ramps up linearly over these epochs
     dist_beta: float = 1.0  # weight of DIST's inter-class relation (per image)
     dist_gamma: float = 1.0  # weight of DIST's intra-class relation (per class)
-    student: str = "resnet18"
-    student_width: int | None = None
-    temperature: float = 4.0
+    student: str = "resnet18"  # the student's architecture (see train_teacher.py --model)
+    student_width: int | None = None  # the student's first-stage channels
+    temperature: float = 4.0  # T of the softened distributions
     alpha: float = 1.0  # weight of the soft term; 1 = labels are never read
     omit_class: str | None = None  # drop this class from the transfer set (Hinton sec. 3)
     transfer_classes: str | None = None  # e.g. "7,8": the transfer set holds only these
@@ -275,20 +273,52 @@ def load_yaml(path: str | Path, cls: type) -> dict[str, Any]:
     return out
 
 
+def field_comments(cls: type) -> dict[str, str]:
+    """Each field's comment in the class source: the one on its line, else the block above it.
+
+    The comments beside the defaults are where their reasons are written; ``--help`` shows
+    them, so flag help and the code cannot drift apart.
+    """
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        block: list[str] = []
+        for line in inspect.getsource(klass).splitlines():
+            code, _, comment = line.strip().partition("#")
+            name = code.split(":")[0].strip()
+            if not code:
+                block = block + [comment.strip()] if comment else []
+            elif name.isidentifier() and ":" in code and not code.startswith(("def", "class")):
+                out[name] = comment.strip() or " ".join(block)
+                block = []
+            else:
+                block = []
+    return out
+
+
 def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
-    """One ``--flag`` per config field (all default to "not given"), plus --config and --debug."""
+    """One ``--flag`` per config field (all default to "not given"), plus --config and --debug;
+    each flag's help is its field's comment and default."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="YAML file of config keys (flags override it)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    flags = {f.name: f.metadata.get("flag") for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    comments = field_comments(cls)
     for name, kind in _field_types(cls).items():
-        flag = flags[name] or "--" + name.replace("_", "-")
+        flag = fields[name].metadata.get("flag") or "--" + name.replace("_", "-")
+        default = fields[name].default
+        shown = "" if default is None or default == "" else f" (default {default})"
+        help_text = (comments.get(name, "") + shown).strip().replace("%", "%%")
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text)
         elif kind is list:
-            parser.add_argument(flag, dest=name, action="append", default=None, metavar="DIR")
+            parser.add_argument(flag, dest=name, action="append", default=None, metavar="DIR",
+                                help=help_text)
         else:
-            parser.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper())
+            parser.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper(),
+                                help=help_text)
     return parser
 
 

@@ -18,10 +18,11 @@ from kd_jax.cli.jobs import distill, train_teacher
 from kd_jax.core.trainer import Hook
 from kd_jax.errors import Interrupted, run_guarded
 
-TEACHER_HELP = "Train a teacher on labels (CIFAR-10 by default); see --help for the flags."
-DISTILL_HELP = ("Distill a student from a frozen teacher's outputs (by default "
-                "T^2 * KL of the softened distributions; --loss dkd or dist for DKD or DIST); "
-                "see --help for the flags.")
+TEACHER_HELP = ("Train a teacher on labels (CIFAR-10 by default). Every flag is also a key of "
+                "a --config YAML file; flags override the file.")
+DISTILL_HELP = ("Distill a student from frozen teachers' outputs (by default T^2 * KL of the "
+                "softened distributions; --loss dkd or dist for DKD or DIST). Every flag is "
+                "also a key of a --config YAML file; flags override the file.")
 
 
 def main(config_class: type, job: Callable, description: str,
