@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
-# One GPU session, time-boxed (issue 7): choose the 10-epoch recipe on a validation split,
-# reproduce with it (seed 0 alone, for clean timings), seeds 1 and 2 side by side, then the
-# throughput benchmark, each stage only if time is left. The small logs are packed into
-# OUT_DIR/results.tgz after every stage, so a session cut short still brings back what it did.
+# One GPU session, time-boxed (issue 17): screen the recipe levers at full size on a validation
+# split, one seed each, then reproduce the pick (seed 0 alone, for clean timings), seeds 1 and 2
+# side by side, then the throughput benchmark, each stage only if time is left. The small logs
+# are packed into OUT_DIR/results.tgz after every stage, so a session cut short still brings back
+# what it did.
 #
 #   benchmarks/gpu_session.sh DATA_DIR WORK_DIR OUT_DIR [SECONDS_BUDGET]
+#   KD_SMOKE=1 benchmarks/gpu_session.sh DATA_DIR /tmp/w /tmp/o 600   # the same code, CPU-sized
 #
 # Runs and their checkpoints go under WORK_DIR; OUT_DIR gets results.tgz alone (the device
 # tool brings back a few small files). The recipe is chosen by val_accuracy on the last 5,000
 # training images (--validation 5000), never by test accuracy. The variants run concurrently
 # on one GPU, so their timings are not quoted. A variant is "FLAGS" or "FLAGS | TEACHER_FLAGS":
 # flags after the bar (label smoothing) reach the teacher alone, those before every run. The
-# grid is the one of 2026-11-26 (docs/RESULTS.md), whose pick became the defaults.
+# grid is the CPU screen's levers (docs/RECIPE.md), each against the defaults, plus the
+# step-size combinations the screen pointed at; every run also reports flip+translate
+# test-time augmentation at the end (--tta, beside the plain figures).
 set -uo pipefail
 DATA=$1; WORK=$2; OUT=$3; BUDGET=${4:-480}
 START=$SECONDS
@@ -26,27 +30,29 @@ pack() {  # every small file under WORK (no checkpoints) into OUT/results.tgz
 }
 
 declare -A VARIANTS=(
-  [lr0.4]="--learning-rate 0.4 | --label-smoothing 0"
-  [lr0.8]="--learning-rate 0.8 | --label-smoothing 0"
-  [lr1.2]="--learning-rate 1.2 | --label-smoothing 0"
-  [lr1.6]="--learning-rate 1.6 | --label-smoothing 0"
-  [lr2.4]="--learning-rate 2.4 | --label-smoothing 0"
-  [lr0.8-wd1e-3]="--learning-rate 0.8 --weight-decay 1e-3 | --label-smoothing 0"
-  [lr1.6-wd2.5e-4]="--learning-rate 1.6 --weight-decay 2.5e-4 | --label-smoothing 0"
-  [lr2.4-wd1e-4]="--learning-rate 2.4 --weight-decay 1e-4 | --label-smoothing 0"
-  [lr0.8-ls0.1]="--learning-rate 0.8 | --label-smoothing 0.1"
-  [lr0.8-ls0.2]="--learning-rate 0.8 | --label-smoothing 0.2"
-  [lr1.6-ls0.2]="--learning-rate 1.6 | --label-smoothing 0.2"
-  [lr0.8-wu1]="--learning-rate 0.8 --warmup-epochs 1 | --label-smoothing 0"
-  [lr1.6-wu3]="--learning-rate 1.6 --warmup-epochs 3 | --label-smoothing 0"
-  [b256-lr0.4]="--batch-size 256 --learning-rate 0.4 | --label-smoothing 0"
-  [b256-lr0.8]="--batch-size 256 --learning-rate 0.8 | --label-smoothing 0"
-  [b128-lr0.4]="--batch-size 128 --learning-rate 0.4 | --label-smoothing 0"
+  [base]=""
+  [lr2.4]="--learning-rate 2.4"
+  [lr3.2]="--learning-rate 3.2"
+  [ls0]="| --label-smoothing 0"
+  [bn-lr4]="--bn-lr-factor 4"
+  [bn-lr16-noscale]="--bn-lr-factor 16 --no-bn-scale"
+  [head-bn-lr0.25]="--head-lr-factor 0.25 --bn-lr-factor 0.25"
+  [wd1e-3]="--weight-decay 1e-3"
+  [ema0.99]="--ema-decay 0.99"
+  [whiten2]="--whiten-patch 2"
+  [altflip]="--alternating-flip"
+  [reflect]="--pad-mode reflect"
+  [cutout12]="--cutout 12"
+  [crop2-reflect]="--crop-pad 2 --pad-mode reflect"
+  [keller]="--learning-rate 0.2 --pad-mode reflect --cutout 12 | --label-smoothing 0"
+  [lr3.2-ema0.99]="--learning-rate 3.2 --ema-decay 0.99"
 )
+COMMON="--validation 5000 --tta flip_translate"
 if [ "${KD_SMOKE:-0}" = 1 ]; then
-  SMOKE="--train-subset 1024 --validation 256 --epochs 1 --width 4 --eval-batch-size 500"
-  VARIANTS=([b128-lr0.1]="--batch-size 128 --learning-rate 0.1"
-            [b64-lr0.05]="--batch-size 64 --learning-rate 0.05 | --label-smoothing 0.1")
+  SMOKE="--train-subset 1024 --epochs 1 --width 4 --eval-batch-size 500"
+  COMMON="--validation 256 --tta flip_translate"
+  VARIANTS=([b128-lr0.1]="--batch-size 128 --learning-rate 0.1 --ema-decay 0.9"
+            [b64-lr0.05]="--batch-size 64 --learning-rate 0.05 --cutout 8 | --label-smoothing 0.1")
 fi
 
 log "sweep of ${#VARIANTS[@]} teacher variants: ${!VARIANTS[*]}"
@@ -54,7 +60,7 @@ for name in "${!VARIANTS[@]}"; do
   spec=${VARIANTS[$name]}
   # shellcheck disable=SC2086  # flag lists on purpose
   timeout "$(left)" python train_teacher.py --data-dir "$DATA" --workdir "$WORK/sweep/$name" \
-      --validation 5000 --no-progress ${spec/|/} ${SMOKE:-} > "$WORK/sweep/$name.log" 2>&1 &
+      $COMMON --no-progress ${spec/|/} ${SMOKE:-} > "$WORK/sweep/$name.log" 2>&1 &
 done
 wait
 BEST=$(python - "$WORK/sweep" <<'PY'
@@ -94,14 +100,19 @@ if [ "$(left)" -gt 120 ]; then
 else
   log "no time left for seeds 1 and 2"
 fi
-for dtype in bfloat16 float32; do
-  if [ "$(left)" -gt 60 ]; then
-    log "throughput, $dtype"
-    KD_BENCH_ONLY=$dtype timeout "$(left)" "$HERE/gpu_reproduce.sh" "$DATA" "$WORK" 2>&1 \
-        | tee "$WORK/throughput-$dtype.log"
-    pack
-  else
-    log "no time left for the $dtype throughput benchmark"
-  fi
-done
+if [ "$(left)" -gt 60 ]; then
+  # bfloat16 and float32 in one process; beside PyTorch eager, torch.compile and channels_last
+  # + bf16 autocast where torch is installed (the comparison users will make).
+  BENCH=(--batch-size 512 --steps-per-dispatch 10 --steps 50)
+  [ -n "${SMOKE:-}" ] && BENCH=(--width 8 --batch-size 64 --steps 3)
+  TORCH=()
+  python -c "import torch" 2>/dev/null \
+      && TORCH=(--compare-torch --torch-variants eager,compile,channels_last+bf16)
+  log "throughput ${TORCH[*]:-(no torch here: JAX alone)}"
+  timeout "$(left)" python benchmarks/throughput.py --dtype bfloat16,float32 \
+      --json "$WORK/throughput.json" "${BENCH[@]}" "${TORCH[@]}" 2>&1 | tee "$WORK/throughput.log"
+  pack
+else
+  log "no time left for the throughput benchmark"
+fi
 log "done: $OUT/results.tgz"
