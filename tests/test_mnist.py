@@ -273,3 +273,62 @@ def test_cli_reports_a_bad_idx_file_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
     assert err.startswith("error: ") and "t10k-labels-idx1-ubyte: size 8 bytes" in err
+
+
+def offset_logits(margins: list[tuple[int, float]]) -> tuple[np.ndarray, np.ndarray]:
+    """Three-class logits and labels, one image per ``(label, margin)``: a class-2 image needs
+    class 2 raised by more than ``margin`` to be right, a class-0 image is wrong once it is
+    raised by ``margin`` or more (``margin < 0``: it is wrong until class 2 is lowered by more
+    than ``-margin``)."""
+    logits = np.zeros((len(margins), 3))
+    for i, (label, margin) in enumerate(margins):
+        logits[i, 0 if label == 2 else 2] = margin if label == 2 else -margin
+    labels = np.array([label for label, _ in margins])
+    return logits, labels
+
+
+# Held out: +1.1 (the smallest offset above 1) wins; the test set would pick +4.1.
+HELD = offset_logits([(2, 1.0), (2, 1.0), (0, 3.0), (0, 3.0)])
+TEST = offset_logits([(2, 4.0), (2, 4.0), (0, 6.0), (0, 6.0)])
+
+
+def test_offset_is_chosen_on_held_out_images_never_on_the_test_set():
+    from types import SimpleNamespace
+
+    from kd_jax.core import metrics
+
+    assert metrics.best_logit_offset(*HELD, [2]) == pytest.approx(1.1)
+    assert metrics.best_logit_offset(*TEST, [2]) == pytest.approx(4.1)
+    report = jobs.omitted_class_report(*TEST, *HELD, [2], "c")
+    assert report["offset"] == pytest.approx(1.1)
+    # The test set's figures at +1.1: its class-2 images are still wrong (right from +4.1).
+    assert (report["class_accuracy"], report["class_accuracy_after_offset"]) == (0.0, 0.0)
+    assert report["test_errors_after_offset"] == 2 and report["holdout_images"] == 4
+
+    # Through the job: its held-out images are the last `holdout` training images. An image is
+    # its row number in a logits table (training images first, then the test images).
+    train_logits, train_labels = offset_logits([(1, 0.0)] * 6 + [(2, 0.0)] * 2)
+    table = np.concatenate([train_logits[:4], HELD[0], TEST[0]])
+    labels = np.concatenate([train_labels[:4], HELD[1]])
+    test_images = np.arange(8, 8 + len(TEST[1]))[:, None]
+    job = SimpleNamespace(
+        train_images=np.arange(8)[:, None], train_labels=labels,
+        eval_sets={"test": (test_images, TEST[1])},
+        dataset=SimpleNamespace(class_names=("a", "b", "c")),
+        config=SimpleNamespace(bias_offset=None),
+        logits=lambda apply_fn, variables, images: table[images[:, 0]])
+    transfer, held_out = jobs.split_transfer_set(labels, [2], 4)
+    assert held_out.tolist() == [4, 5, 6, 7] and transfer.tolist() == [0, 1, 2, 3]
+    state = SimpleNamespace(inference_variables=lambda: {})
+    found = jobs._Job.omitted_class(job, SimpleNamespace(apply=None), state, held_out, [2])
+    assert found == report
+
+
+def test_offset_ties_go_to_the_offset_closest_to_zero_either_side():
+    """One held-out image is right once class 2 is lowered by more than ``a``, the other once
+    it is raised by more than ``b``: the offsets beyond either score alike (1 of 2, none does
+    better), and the one closest to zero wins, on whichever side it is."""
+    for (lowered, raised), expected in (((0.55, 1.55), -0.6), ((1.55, 0.55), 0.6)):
+        held = offset_logits([(0, -lowered), (2, raised)])
+        report = jobs.omitted_class_report(*TEST, *held, [2], "c")
+        assert report["offset"] == pytest.approx(expected)
