@@ -219,3 +219,24 @@ def test_resume_continues_from_the_checkpoint_and_a_finished_run_runs_nothing(tm
                            eval_sets=test, hooks=[again], **QUICK)
     assert again.seen == [] and rows == history
     assert file_digests(workdir) == before
+
+
+def test_three_steps_per_dispatch_train_exactly_as_one():
+    """The accelerators' scanned dispatches against the CPU's single steps: 4 steps an epoch
+    in dispatches of 3 are 3 + 1 and 2 padded rows, which must leave the state alone."""
+    images, labels = blobs(128)
+    runs = {}
+    for per_dispatch in (1, 3):
+        seen = Dispatches()
+        state, history = kd_jax.train(Features(), images, labels, hooks=[seen],
+                                      eval_sets={"test": blobs(64, 1)},
+                                      steps_per_dispatch=per_dispatch, **QUICK)
+        timing = {"images_per_second", "epoch_seconds", "eval_seconds"}
+        runs[per_dispatch] = (jax.tree.leaves(state.params), seen.seen,
+                              [{k: v for k, v in row.items() if k not in timing}
+                               for row in history])
+    assert runs[1][1] == [(step, step + 1) for step in range(12)]
+    assert runs[3][1] == [(0, 3), (3, 4), (4, 7), (7, 8), (8, 11), (11, 12)]
+    assert runs[3][2] == runs[1][2]
+    for a, b in zip(runs[3][0], runs[1][0], strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -198,3 +198,43 @@ def test_cifar100_configs_state_the_benchmarks_recipe(pair):
     for config in (dkd, dist):
         assert (config.alpha, config.learning_rate, config.weight_decay,
                 config.bn_weight_decay) == (0.5, 0.1, 2.5e-4, 2.5e-4)
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tiny_cifar, tmp_path, capsys):
+    """Ctrl-C during step 2 asks for a checkpoint after it; a second one, before the step is
+    over, stops the run there: no checkpoint, no further step, exit 130, and the handlers the
+    run replaced are back."""
+    import os
+    import signal
+    import time
+
+    from kd_jax import Hook
+    from kd_jax.cli.config import TeacherConfig
+    from kd_jax.cli.jobs import train_teacher
+    from kd_jax.cli.main import main
+
+    class CtrlCTwice(Hook):
+        def __init__(self):
+            self.dispatches = []
+
+        def after_dispatch(self, trainer, before, after):
+            self.dispatches.append(after)
+            if after == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+                while trainer.stop_requested is None:  # the first one is handled
+                    time.sleep(0.001)
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(10)  # the second one's handler raises in here
+                raise AssertionError("the second Ctrl-C did not stop the run")
+
+    handler, hook, workdir = signal.getsignal(signal.SIGINT), CtrlCTwice(), tmp_path / "run"
+    argv = ["--data-dir", str(tiny_cifar), "--workdir", str(workdir), "--model", "mlp1",
+            "--width", "8", "--learning-rate", "0.01", *TINY]
+    assert main(TeacherConfig, train_teacher, "", argv, [hook]) == 130
+    assert capsys.readouterr().err.splitlines()[-2:] == [
+        "SIGINT received: stopping after this step to write a checkpoint (send it again to "
+        "stop at once, without one)", "error: interrupted"]
+    assert hook.dispatches == [1, 2]
+    assert list((workdir / "checkpoints" / "latest").iterdir()) == []
+    assert (workdir / "metrics.jsonl").read_text() == ""
+    assert signal.getsignal(signal.SIGINT) is handler

@@ -504,3 +504,31 @@ def test_report_matches_training_figures(teacher_run, student_run, data_dir, tmp
     assert abs(student["teacher_agreement"] - json.loads(
         (student_run / "summary.json").read_text())["agreement"]) <= tolerance
     assert student["mflops"] < teacher["mflops"] and student["params"] < teacher["params"]
+
+
+def test_export_exits_non_zero_when_its_check_fails(teacher_run, data_dir, tmp_path, capsys,
+                                                    monkeypatch):
+    """No flag sets the float check's thresholds: an agreement above 100% stands in for a
+    file that does not reproduce the model. The command says so in one line and exits 2."""
+    monkeypatch.setattr(export, "MIN_AGREEMENT", 1.01)
+    out = tmp_path / "m.onnx"
+    assert export.main(["--workdir", str(teacher_run), "--data-dir", data_dir, "--output",
+                        str(out), "--check-images", "20"]) == 2
+    captured = capsys.readouterr()
+    assert re.fullmatch(r"onnxruntime vs JAX on 20 test images: same top-1 on 100\.00% \(need "
+                        r">= 101\.0%\), max \|logit diff\| .*: FAILED",
+                        captured.out.splitlines()[-1])
+    assert captured.err == f"error: {out} does not reproduce the JAX model closely enough\n"
+
+
+def test_predict_missing_image_and_top_zero_are_one_line_errors(onnx_file, reference, tmp_path,
+                                                                capsys):
+    """Every image is read before any line is printed: a missing one leaves no partial
+    output."""
+    images, _ = reference
+    present, missing = tmp_path / "a.png", tmp_path / "missing.png"
+    Image.fromarray(images[0]).save(present)
+    assert predict.main(["--model", str(onnx_file), str(present), str(missing)]) == 2
+    assert capsys.readouterr() == ("", f"error: {missing}: image file not found\n")
+    assert predict.main(["--model", str(onnx_file), str(present), "--top", "0"]) == 2
+    assert capsys.readouterr() == ("", "error: --top must be >= 1, got 0\n")

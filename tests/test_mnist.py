@@ -332,3 +332,66 @@ def test_offset_ties_go_to_the_offset_closest_to_zero_either_side():
         held = offset_logits([(0, -lowered), (2, raised)])
         report = jobs.omitted_class_report(*TEST, *held, [2], "c")
         assert report["offset"] == pytest.approx(expected)
+
+
+# --------------------------------------------------------------------------- alpha < 1, export
+@pytest.fixture(scope="module")
+def mnist_runs(tmp_path_factory):
+    """An MLP trained on labels, and a student of the same MLP distilled from it with alpha 0:
+    cross-entropy on the labels alone, the teacher's term weighted 0."""
+    root = tmp_path_factory.mktemp("mnist-runs")
+    write_mnist(root / "data", n_train=128, n_test=50)
+    common = dict(dataset="mnist", data_dir=str(root / "data"), epochs=2, batch_size=32,
+                  eval_batch_size=50, crop_pad=2, flip=False, progress=False, dtype="float32",
+                  learning_rate=0.05)
+    jobs.train_teacher(TeacherConfig(model="mlp1", width=16, label_smoothing=0.0,
+                                     workdir=str(root / "teacher"), **common))
+    jobs.distill(DistillConfig(student="mlp1", student_width=16, alpha=0.0,
+                               teachers=[str(root / "teacher")], workdir=str(root / "student"),
+                               **common))
+    return root
+
+
+def test_alpha_zero_distillation_is_training_on_the_labels(mnist_runs):
+    """The job hands the hard-label term each transfer image's own label, at T = 1 with weight
+    1 - alpha: at alpha 0 the student is the model trained on labels, bit for bit."""
+    from kd_jax.core.checkpoint import load_frozen
+
+    leaves = lambda name: jax.tree.leaves(load_frozen(mnist_runs / name).variables)
+    for a, b in zip(leaves("teacher"), leaves("student"), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_one_channel_student_exports_and_classifies(mnist_runs, tmp_path, capsys):
+    """``python -m kd_jax.export`` of a distilled MNIST MLP: a student's config names its model
+    as ``student``, its images have one channel; the file's logits are the student's, and
+    predict feeds it a grey picture."""
+    import onnx
+    from PIL import Image
+
+    from kd_jax import export, predict
+    from kd_jax.core.augment import normalize
+    from kd_jax.core.checkpoint import load_frozen
+    from kd_jax.onnx_model import OnnxClassifier
+
+    out = tmp_path / "student.onnx"
+    assert export.main(["--workdir", str(mnist_runs / "student"), "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "onnxruntime vs JAX on 50 test images: same top-1 on 100.00%" in printed
+    assert printed.rstrip().endswith(": OK")
+    dims = onnx.load(out).graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [28, 28, 1]
+    classifier = OnnxClassifier(out)
+    assert classifier.image_shape == (28, 28, 1) and classifier.metadata["model"] == "mlp1"
+    assert classifier.class_names == tuple(str(i) for i in range(10))
+
+    dataset, frozen = data.load_mnist(mnist_runs / "data"), load_frozen(mnist_runs / "student")
+    expected = np.asarray(frozen.build(10).apply(
+        frozen.variables, normalize(dataset.test_images, dataset.mean, dataset.std)))
+    logits = classifier.logits(dataset.test_images)
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+    png = tmp_path / "digit.png"
+    Image.fromarray(dataset.test_images[0, :, :, 0]).save(png)  # mode L: one channel
+    assert predict.main(["--model", str(out), str(png), "--top", "1"]) == 0
+    assert capsys.readouterr().out.startswith(f"{png}: {int(logits[0].argmax())} ")
