@@ -261,7 +261,7 @@ class _Run:
                               steps_per_dispatch=steps_per_dispatch)
             try:
                 state, history = trainer.fit()
-                if run is not None:
+                if run is not None and not _finished_before(run, trainer, state):
                     self._report(run, state, history, trainer.timing, summary, config)
             except WriteFailed as failed:
                 if run is not None:  # (without a workdir, only a caller's hook writes)
@@ -296,6 +296,14 @@ def _opened(workdir: str | Path | RunDir | None, config: dict, resume: bool,
     with RunDir.prepare(workdir, config, resume=resume, overwrite=overwrite,
                         resumable=RESUMABLE) as run:
         yield run
+
+
+def _finished_before(run: RunDir, trainer: Trainer, state: TrainState) -> bool:
+    """Whether this call resumed a run that had already finished and reported: it ran no
+    step, so summary.json and the plot stay as they are, byte for byte (rewritten, they would
+    change the timing the first call measured)."""
+    ran = int(state.step) > trainer.start_step
+    return not ran and run.summary_path.is_file() and run.plot_path.is_file()
 
 
 def _intact(workdir: Path) -> str:

@@ -156,3 +156,87 @@ def test_the_readme_example_runs_as_printed(tmp_path):
     student, agreement, teacher = map(float, found.groups())
     assert teacher > 80 and student > 50 and agreement > 60  # chance is 10
     assert sorted(p.name for p in tmp_path.iterdir()) == ["example.py"]  # in memory
+
+
+# --------------------------------------------------------------------------- resume, not restart
+class Dispatches(kd_jax.Hook):
+    """The global step numbers (before, after) of every dispatch the loop runs."""
+
+    def __init__(self):
+        self.seen = []
+
+    def after_dispatch(self, trainer, before, after):
+        self.seen.append((before, after))
+
+
+class CrashAfterCheckpoint(kd_jax.Hook):
+    """Fails the run once the checkpoint of global step ``step`` has been started."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def after_save(self, trainer, what):
+        if what == "checkpoint" and int(trainer.state.step) == self.step:
+            raise RuntimeError("crashed after the checkpoint")
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_resume_continues_from_the_checkpoint_and_a_finished_run_runs_nothing(tmp_path, capsys):
+    """Runs are deterministic, so a resume that retrained from step 0 would end in the same
+    state: what tells it apart is where the loop restarts. 128 images of batch 32: 4 steps an
+    epoch, 3 epochs; the first call fails right after epoch 1's checkpoint (step 4)."""
+    images, labels = blobs(128)
+    workdir, test = tmp_path / "run", {"test": blobs(64, 1)}
+    with pytest.raises(RuntimeError, match="crashed after the checkpoint"):
+        kd_jax.train(Features(), images, labels, workdir=workdir, eval_sets=test,
+                     hooks=[CrashAfterCheckpoint(4)], **QUICK)
+    first_row = (workdir / "metrics.jsonl").read_bytes()
+    assert first_row.count(b"\n") == 1
+    capsys.readouterr()
+
+    resumed = Dispatches()
+    _, history = kd_jax.train(Features(), images, labels, workdir=workdir, resume=True,
+                              eval_sets=test, hooks=[resumed], **QUICK)
+    assert capsys.readouterr().out.startswith("resuming from step 4 (")
+    # Steps 5..12 ran, once each; epoch 1 was not run again, nor its row rewritten (its
+    # wall-clock fields would differ).
+    assert [after for _, after in resumed.seen] == list(range(5, 13))
+    assert resumed.seen[0][0] == 4
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    metrics = (workdir / "metrics.jsonl").read_bytes()
+    assert metrics.startswith(first_row) and metrics.count(b"\n") == 3
+
+    # A finished run, invoked again: nothing trains and no file changes, byte for byte.
+    before = file_digests(workdir)
+    again = Dispatches()
+    _, rows = kd_jax.train(Features(), images, labels, workdir=workdir, resume=True,
+                           eval_sets=test, hooks=[again], **QUICK)
+    assert again.seen == [] and rows == history
+    assert file_digests(workdir) == before
+
+
+def test_three_steps_per_dispatch_train_exactly_as_one():
+    """The accelerators' scanned dispatches against the CPU's single steps: 4 steps an epoch
+    in dispatches of 3 are 3 + 1 and 2 padded rows, which must leave the state alone."""
+    images, labels = blobs(128)
+    runs = {}
+    for per_dispatch in (1, 3):
+        seen = Dispatches()
+        state, history = kd_jax.train(Features(), images, labels, hooks=[seen],
+                                      eval_sets={"test": blobs(64, 1)},
+                                      steps_per_dispatch=per_dispatch, **QUICK)
+        timing = {"images_per_second", "epoch_seconds", "eval_seconds"}
+        runs[per_dispatch] = (jax.tree.leaves(state.params), seen.seen,
+                              [{k: v for k, v in row.items() if k not in timing}
+                               for row in history])
+    assert runs[1][1] == [(step, step + 1) for step in range(12)]
+    assert runs[3][1] == [(0, 3), (3, 4), (4, 7), (7, 8), (8, 11), (11, 12)]
+    assert runs[3][2] == runs[1][2]
+    for a, b in zip(runs[3][0], runs[1][0], strict=True):
+        np.testing.assert_array_equal(a, b)

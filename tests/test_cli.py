@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -16,13 +17,39 @@ def run(script, *args, cwd=REPO):
                           env=env, capture_output=True, text=True, timeout=600)
 
 
+def frozen_logits(workdir, data_dir, validation=40):
+    """A run's saved model applied here (XLA's own convolution, one device, no batching) to
+    the test images and the last ``validation`` training images: {split: (logits, labels)}."""
+    import jax
+
+    from kd_jax.core.augment import normalize
+    from kd_jax.core.checkpoint import load_frozen
+    from kd_jax.core.data import load_cifar10
+
+    frozen, dataset = load_frozen(workdir), load_cifar10(data_dir)
+    model = frozen.build(dataset.num_classes)
+    _, (val_images, val_labels) = dataset.hold_out(validation)
+    forward = jax.jit(lambda images: model.apply(
+        frozen.variables, normalize(images, dataset.mean, dataset.std), train=False))
+    apply = lambda images: np.asarray(forward(images))
+    return {"test": (apply(dataset.test_images), dataset.test_labels),
+            "val": (apply(val_images), val_labels)}
+
+
+def accuracy(logits_and_labels):
+    logits, labels = logits_and_labels
+    return float(np.mean(logits.argmax(-1) == labels))
+
+
 def test_teacher_then_student_end_to_end(tiny_cifar, tmp_path):
     teacher = run("train_teacher.py", "--data-dir", tiny_cifar, "--workdir", tmp_path / "t",
                   "--model", "resnet8", "--width", "4", "--validation", "40", *TINY)
     assert teacher.returncode == 0, teacher.stderr
     summary = json.loads((tmp_path / "t" / "summary.json").read_text())
-    assert summary["model"] == "resnet8" and 0 <= summary["test_accuracy"] <= 1
-    assert 0 <= summary["val_accuracy"] <= 1
+    assert summary["model"] == "resnet8"
+    teacher_logits = frozen_logits(tmp_path / "t", tiny_cifar)
+    assert summary["test_accuracy"] == accuracy(teacher_logits["test"])
+    assert summary["val_accuracy"] == accuracy(teacher_logits["val"])
     assert (tmp_path / "t" / "curves.png").stat().st_size > 0
     assert len((tmp_path / "t" / "metrics.jsonl").read_text().splitlines()) == 1
 
@@ -42,7 +69,13 @@ def test_teacher_then_student_end_to_end(tiny_cifar, tmp_path):
     assert summary["temperature"] == 4.0
     # 200 - 40 validation - 50 holdout = 110 images, 11 of them cats (4 per 40, labels cycle).
     assert summary["transfer_images"] == 99 and summary["omitted_class"]["holdout_images"] == 50
-    assert 0 <= summary["val_accuracy"] <= 1 and "val_loss" in summary
+    assert "val_loss" in summary
+    student_logits = frozen_logits(tmp_path / "s", tiny_cifar)
+    assert summary["test_accuracy"] == accuracy(student_logits["test"])
+    assert summary["val_accuracy"] == accuracy(student_logits["val"])
+    assert summary["teacher_test_accuracy"] == accuracy(teacher_logits["test"])
+    assert summary["agreement"] == np.mean(student_logits["test"][0].argmax(-1) ==
+                                           teacher_logits["test"][0].argmax(-1))
     assert "final test accuracy" in student.stdout
 
 
@@ -165,3 +198,46 @@ def test_cifar100_configs_state_the_benchmarks_recipe(pair):
     for config in (dkd, dist):
         assert (config.alpha, config.learning_rate, config.weight_decay,
                 config.bn_weight_decay) == (0.5, 0.1, 2.5e-4, 2.5e-4)
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tiny_cifar, tmp_path, capsys):
+    """Ctrl-C during step 2 asks for a checkpoint after it; a second one, before the step is
+    over, stops the run there: no checkpoint, no further step, exit 130, and the handlers the
+    run replaced are back."""
+    import os
+    import signal
+    import time
+
+    from kd_jax import Hook
+    from kd_jax.cli.config import TeacherConfig
+    from kd_jax.cli.jobs import train_teacher
+    from kd_jax.cli.main import main
+
+    class CtrlCTwice(Hook):
+        def __init__(self):
+            self.dispatches = []
+
+        def after_dispatch(self, trainer, before, after):
+            self.dispatches.append(after)
+            if after == 2:
+                # Only into the run's own handler: the default one would stop pytest itself.
+                assert getattr(signal.getsignal(signal.SIGINT), "__self__", None) is \
+                    trainer.hooks[-1]
+                os.kill(os.getpid(), signal.SIGINT)
+                while trainer.stop_requested is None:  # the first one is handled
+                    time.sleep(0.001)
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(10)  # the second one's handler raises in here
+                raise AssertionError("the second Ctrl-C did not stop the run")
+
+    handler, hook, workdir = signal.getsignal(signal.SIGINT), CtrlCTwice(), tmp_path / "run"
+    argv = ["--data-dir", str(tiny_cifar), "--workdir", str(workdir), "--model", "mlp1",
+            "--width", "8", "--learning-rate", "0.01", *TINY]
+    assert main(TeacherConfig, train_teacher, "", argv, [hook]) == 130
+    assert capsys.readouterr().err.splitlines()[-2:] == [
+        "SIGINT received: stopping after this step to write a checkpoint (send it again to "
+        "stop at once, without one)", "error: interrupted"]
+    assert hook.dispatches == [1, 2]
+    assert list((workdir / "checkpoints" / "latest").iterdir()) == []
+    assert (workdir / "metrics.jsonl").read_text() == ""
+    assert signal.getsignal(signal.SIGINT) is handler

@@ -209,3 +209,41 @@ def test_real_cifar10_matches_its_readme(real_cifar):
 def test_records_helper_is_valid():
     raw = cifar_records(np.arange(3), 0)
     assert len(raw) == 3 * 3073 and io.BytesIO(raw).read(1) == b"\x00"
+
+
+def flipped_or_not(out: np.ndarray, images: np.ndarray) -> np.ndarray:
+    """Which of ``out`` are the left-right mirrors of ``images``; every other one must be the
+    image itself, pixel for pixel."""
+    mirrored = np.array([np.array_equal(o, i[:, ::-1]) for o, i in zip(out, images, strict=True)])
+    kept = np.array([np.array_equal(o, i) for o, i in zip(out, images, strict=True)])
+    assert not np.any(mirrored & kept)  # no image here is its own mirror
+    assert np.all(mirrored | kept)
+    return mirrored
+
+
+def test_random_flip_mirrors_about_half_exactly():
+    """1000 distinct images through the training pipeline's flip (crop off): each comes back as
+    itself or as its exact left-right mirror, about half of them mirrored (binomial: 500 +- 16),
+    and another key mirrors others."""
+    images = np.random.default_rng(0).integers(0, 256, (1000, 8, 8, 3), np.uint8)
+    flip = augment.Augmentation(0, True, (0.5,) * 3, (0.25,) * 3).augment
+    first = flipped_or_not(np.asarray(flip(jax.random.key(0), jnp.asarray(images))), images)
+    second = flipped_or_not(np.asarray(flip(jax.random.key(1), jnp.asarray(images))), images)
+    assert 420 <= first.sum() <= 580 and 420 <= second.sum() <= 580
+    assert 0.4 < np.mean(first == second) < 0.6  # independent coins per key
+    unflipped = augment.Augmentation(0, False, (0.5,) * 3, (0.25,) * 3).augment
+    assert not flipped_or_not(np.asarray(unflipped(jax.random.key(0), jnp.asarray(images))),
+                              images).any()
+
+
+def test_alternating_flips_mirror_half_and_each_image_once_in_two_epochs():
+    """airbench's flips: about half the images mirrored in an epoch, exactly the others in the
+    next, the same choice again two epochs later."""
+    images = np.random.default_rng(1).integers(0, 256, (1000, 8, 8, 3), np.uint8)
+    indices, key = jnp.arange(1000), jax.random.key(5)
+    flip = augment.Augmentation(0, True, (0.5,) * 3, (0.25,) * 3, alternating_flip=True).augment
+    epochs = [flipped_or_not(np.asarray(flip(jax.random.key(e), jnp.asarray(images), indices,
+                                             jnp.int32(e), key)), images) for e in range(3)]
+    assert 420 <= epochs[0].sum() <= 580
+    np.testing.assert_array_equal(epochs[1], ~epochs[0])
+    np.testing.assert_array_equal(epochs[2], epochs[0])

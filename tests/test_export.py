@@ -137,6 +137,7 @@ def test_export_cli_prints_the_check(teacher_run, data_dir, tmp_path, capsys):
                         "--output", str(out), "--check-images", "50"]) == 0
     printed = capsys.readouterr().out
     assert f"wrote {out}" in printed
+    assert printed.startswith(f"wrote {out} ({os.path.getsize(out) / 1e6:.2f} MB)\n")
     assert "onnxruntime vs JAX on 50 test images: same top-1 on 100.00%" in printed
     assert printed.rstrip().endswith("OK")
 
@@ -287,6 +288,9 @@ def test_int8_export_cli_writes_and_checks_it(teacher_run, data_dir, tmp_path, c
     lines = capsys.readouterr().out.splitlines()
     assert lines[2].startswith(f"wrote {tmp_path / 'm.int8.onnx'} (")
     assert lines[2].endswith("static int8, calibrated on 50 training images")
+    assert lines[0] == f"wrote {out} ({os.path.getsize(out) / 1e6:.2f} MB)"
+    int8 = tmp_path / "m.int8.onnx"
+    assert lines[2].startswith(f"wrote {int8} ({os.path.getsize(int8) / 1e6:.2f} MB): ")
     assert re.fullmatch(r"int8 vs float on 120 test images: accuracy \d+\.\d\d% vs \d+\.\d\d% "
                         r"\(drop -?\d+\.\d\d points, allowed 1\), same top-1 on "
                         r"\d+\.\d\d%: OK", lines[3])
@@ -382,6 +386,27 @@ def test_predict_classifies_png_and_jpeg_of_any_size(onnx_file, reference, tmp_p
     assert 0 < sum(probabilities) <= 1.001
 
 
+def test_predict_prints_the_softmax_of_the_onnx_logits(onnx_file, reference, tmp_path, capsys):
+    """The top 3 of each image, most probable first, with the probabilities numpy's softmax
+    gives the ONNX model's logits on the images as predict loads them; two images in one call."""
+    images, _ = reference
+    paths = [tmp_path / "a.png", tmp_path / "b.png"]
+    for image, path in zip(images[:2], paths, strict=True):
+        Image.fromarray(image).save(path)
+    classifier = OnnxClassifier(onnx_file)
+    loaded = np.stack([predict.load_image(path, 32, 32, 3) for path in paths])
+    logits = classifier.run(loaded).astype(np.float64)
+    exp = np.exp(logits - logits.max(-1, keepdims=True))
+    probabilities = exp / exp.sum(-1, keepdims=True)
+    expected = []
+    for path, p in zip(paths, probabilities, strict=True):
+        top = np.argsort(-p)[:3]
+        assert p[top[0]] > p[top[1]] > p[top[2]] > p[np.argsort(-p)[3]]  # no tie to order
+        expected.append(f"{path}: " + ", ".join(f"{CIFAR10_CLASSES[i]} {p[i]:.3f}" for i in top))
+    assert predict.main(["--model", str(onnx_file), *map(str, paths), "--top", "3"]) == 0
+    assert capsys.readouterr().out.splitlines() == expected
+
+
 @pytest.mark.parametrize("content", [None, b"", b"not an onnx model" * 10])
 def test_predict_bad_model_file_is_one_line_error(tmp_path, capsys, content):
     model = tmp_path / "model.onnx"
@@ -430,7 +455,7 @@ def test_report_without_torch_skips_its_row_with_a_note(teacher_run, data_dir, m
 
 
 def test_report_puts_int8_torch_and_jax_beside_float(teacher_run, int8_export, data_dir,
-                                                     tmp_path, capsys):
+                                                     tmp_path, capsys, onnx_file):
     table, affinity = tmp_path / "report.json", os.sched_getaffinity(0)
     assert report.main([str(teacher_run), "--data-dir", data_dir, "--plot",
                         str(tmp_path / "r.png"), "--json", str(table), "--threads", "1",
@@ -448,6 +473,7 @@ def test_report_puts_int8_torch_and_jax_beside_float(teacher_run, int8_export, d
     assert int8_row["test_accuracy"] == int8_export.check.int8_accuracy
     assert int8_row["float_agreement"] == int8_export.check.agreement
     assert int8_row["file_mb"] == os.path.getsize(int8_export.path) / 1e6 < float_row["file_mb"]
+    assert float_row["file_mb"] == os.path.getsize(onnx_file) / 1e6
     assert float_row["float_agreement"] == float_row["teacher_agreement"] == 1.0
     for row in rows.values():  # the same float network in another runtime
         assert row["file_mb"] == ""
@@ -478,3 +504,31 @@ def test_report_matches_training_figures(teacher_run, student_run, data_dir, tmp
     assert abs(student["teacher_agreement"] - json.loads(
         (student_run / "summary.json").read_text())["agreement"]) <= tolerance
     assert student["mflops"] < teacher["mflops"] and student["params"] < teacher["params"]
+
+
+def test_export_exits_non_zero_when_its_check_fails(teacher_run, data_dir, tmp_path, capsys,
+                                                    monkeypatch):
+    """No flag sets the float check's thresholds: an agreement above 100% stands in for a
+    file that does not reproduce the model. The command says so in one line and exits 2."""
+    monkeypatch.setattr(export, "MIN_AGREEMENT", 1.01)
+    out = tmp_path / "m.onnx"
+    assert export.main(["--workdir", str(teacher_run), "--data-dir", data_dir, "--output",
+                        str(out), "--check-images", "20"]) == 2
+    captured = capsys.readouterr()
+    assert re.fullmatch(r"onnxruntime vs JAX on 20 test images: same top-1 on 100\.00% \(need "
+                        r">= 101\.0%\), max \|logit diff\| .*: FAILED",
+                        captured.out.splitlines()[-1])
+    assert captured.err == f"error: {out} does not reproduce the JAX model closely enough\n"
+
+
+def test_predict_missing_image_and_top_zero_are_one_line_errors(onnx_file, reference, tmp_path,
+                                                                capsys):
+    """Every image is read before any line is printed: a missing one leaves no partial
+    output."""
+    images, _ = reference
+    present, missing = tmp_path / "a.png", tmp_path / "missing.png"
+    Image.fromarray(images[0]).save(present)
+    assert predict.main(["--model", str(onnx_file), str(present), str(missing)]) == 2
+    assert capsys.readouterr() == ("", f"error: {missing}: image file not found\n")
+    assert predict.main(["--model", str(onnx_file), str(present), "--top", "0"]) == 2
+    assert capsys.readouterr() == ("", "error: --top must be >= 1, got 0\n")

@@ -273,3 +273,125 @@ def test_cli_reports_a_bad_idx_file_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
     assert err.startswith("error: ") and "t10k-labels-idx1-ubyte: size 8 bytes" in err
+
+
+def offset_logits(margins: list[tuple[int, float]]) -> tuple[np.ndarray, np.ndarray]:
+    """Three-class logits and labels, one image per ``(label, margin)``: a class-2 image needs
+    class 2 raised by more than ``margin`` to be right, a class-0 image is wrong once it is
+    raised by ``margin`` or more (``margin < 0``: it is wrong until class 2 is lowered by more
+    than ``-margin``)."""
+    logits = np.zeros((len(margins), 3))
+    for i, (label, margin) in enumerate(margins):
+        logits[i, 0 if label == 2 else 2] = margin if label == 2 else -margin
+    labels = np.array([label for label, _ in margins])
+    return logits, labels
+
+
+# Held out: +1.1 (the smallest offset above 1) wins; the test set would pick +4.1.
+HELD = offset_logits([(2, 1.0), (2, 1.0), (0, 3.0), (0, 3.0)])
+TEST = offset_logits([(2, 4.0), (2, 4.0), (0, 6.0), (0, 6.0)])
+
+
+def test_offset_is_chosen_on_held_out_images_never_on_the_test_set():
+    from types import SimpleNamespace
+
+    from kd_jax.core import metrics
+
+    assert metrics.best_logit_offset(*HELD, [2]) == pytest.approx(1.1)
+    assert metrics.best_logit_offset(*TEST, [2]) == pytest.approx(4.1)
+    report = jobs.omitted_class_report(*TEST, *HELD, [2], "c")
+    assert report["offset"] == pytest.approx(1.1)
+    # The test set's figures at +1.1: its class-2 images are still wrong (right from +4.1).
+    assert (report["class_accuracy"], report["class_accuracy_after_offset"]) == (0.0, 0.0)
+    assert report["test_errors_after_offset"] == 2 and report["holdout_images"] == 4
+
+    # Through the job: its held-out images are the last `holdout` training images. An image is
+    # its row number in a logits table (training images first, then the test images).
+    train_logits, train_labels = offset_logits([(1, 0.0)] * 6 + [(2, 0.0)] * 2)
+    table = np.concatenate([train_logits[:4], HELD[0], TEST[0]])
+    labels = np.concatenate([train_labels[:4], HELD[1]])
+    test_images = np.arange(8, 8 + len(TEST[1]))[:, None]
+    job = SimpleNamespace(
+        train_images=np.arange(8)[:, None], train_labels=labels,
+        eval_sets={"test": (test_images, TEST[1])},
+        dataset=SimpleNamespace(class_names=("a", "b", "c")),
+        config=SimpleNamespace(bias_offset=None),
+        logits=lambda apply_fn, variables, images: table[images[:, 0]])
+    transfer, held_out = jobs.split_transfer_set(labels, [2], 4)
+    assert held_out.tolist() == [4, 5, 6, 7] and transfer.tolist() == [0, 1, 2, 3]
+    state = SimpleNamespace(inference_variables=lambda: {})
+    found = jobs._Job.omitted_class(job, SimpleNamespace(apply=None), state, held_out, [2])
+    assert found == report
+
+
+def test_offset_ties_go_to_the_offset_closest_to_zero_either_side():
+    """One held-out image is right once class 2 is lowered by more than ``a``, the other once
+    it is raised by more than ``b``: the offsets beyond either score alike (1 of 2, none does
+    better), and the one closest to zero wins, on whichever side it is."""
+    for (lowered, raised), expected in (((0.55, 1.55), -0.6), ((1.55, 0.55), 0.6)):
+        held = offset_logits([(0, -lowered), (2, raised)])
+        report = jobs.omitted_class_report(*TEST, *held, [2], "c")
+        assert report["offset"] == pytest.approx(expected)
+
+
+# --------------------------------------------------------------------------- alpha < 1, export
+@pytest.fixture(scope="module")
+def mnist_runs(tmp_path_factory):
+    """An MLP trained on labels, and a student of the same MLP distilled from it with alpha 0:
+    cross-entropy on the labels alone, the teacher's term weighted 0."""
+    root = tmp_path_factory.mktemp("mnist-runs")
+    write_mnist(root / "data", n_train=128, n_test=50)
+    common = dict(dataset="mnist", data_dir=str(root / "data"), epochs=2, batch_size=32,
+                  eval_batch_size=50, crop_pad=2, flip=False, progress=False, dtype="float32",
+                  learning_rate=0.05)
+    jobs.train_teacher(TeacherConfig(model="mlp1", width=16, label_smoothing=0.0,
+                                     workdir=str(root / "teacher"), **common))
+    jobs.distill(DistillConfig(student="mlp1", student_width=16, alpha=0.0,
+                               teachers=[str(root / "teacher")], workdir=str(root / "student"),
+                               **common))
+    return root
+
+
+def test_alpha_zero_distillation_is_training_on_the_labels(mnist_runs):
+    """The job hands the hard-label term each transfer image's own label, at T = 1 with weight
+    1 - alpha: at alpha 0 the student is the model trained on labels, bit for bit."""
+    from kd_jax.core.checkpoint import load_frozen
+
+    leaves = lambda name: jax.tree.leaves(load_frozen(mnist_runs / name).variables)
+    for a, b in zip(leaves("teacher"), leaves("student"), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_one_channel_student_exports_and_classifies(mnist_runs, tmp_path, capsys):
+    """``python -m kd_jax.export`` of a distilled MNIST MLP: a student's config names its model
+    as ``student``, its images have one channel; the file's logits are the student's, and
+    predict feeds it a grey picture."""
+    import onnx
+    from PIL import Image
+
+    from kd_jax import export, predict
+    from kd_jax.core.augment import normalize
+    from kd_jax.core.checkpoint import load_frozen
+    from kd_jax.onnx_model import OnnxClassifier
+
+    out = tmp_path / "student.onnx"
+    assert export.main(["--workdir", str(mnist_runs / "student"), "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "onnxruntime vs JAX on 50 test images: same top-1 on 100.00%" in printed
+    assert printed.rstrip().endswith(": OK")
+    dims = onnx.load(out).graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [28, 28, 1]
+    classifier = OnnxClassifier(out)
+    assert classifier.image_shape == (28, 28, 1) and classifier.metadata["model"] == "mlp1"
+    assert classifier.class_names == tuple(str(i) for i in range(10))
+
+    dataset, frozen = data.load_mnist(mnist_runs / "data"), load_frozen(mnist_runs / "student")
+    expected = np.asarray(frozen.build(10).apply(
+        frozen.variables, normalize(dataset.test_images, dataset.mean, dataset.std)))
+    logits = classifier.logits(dataset.test_images)
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+    png = tmp_path / "digit.png"
+    Image.fromarray(dataset.test_images[0, :, :, 0]).save(png)  # mode L: one channel
+    assert predict.main(["--model", str(out), str(png), "--top", "1"]) == 0
+    assert capsys.readouterr().out.startswith(f"{png}: {int(logits[0].argmax())} ")

@@ -60,3 +60,15 @@ def test_too_late_once_a_backend_has_started():
     code = ("import jax; jax.devices(); from kd_jax.cli import runtime; "
             "print(runtime.configure({'JAX_PLATFORMS': 'cpu'}))")
     assert run_python(code) == "None"
+
+
+def test_the_first_of_jax_platforms_decides(monkeypatch):
+    """JAX_PLATFORMS lists backends in order of preference: the first one is what runs."""
+    monkeypatch.setattr(runtime, "backend_started", lambda: False)
+    monkeypatch.setattr(runtime, "cpu_cores", lambda: 2)
+    assert runtime.configure({"JAX_PLATFORMS": "cuda,cpu"}) is None
+    env = {"JAX_PLATFORMS": " cpu , cuda"}
+    assert runtime.configure(env) == env["XLA_FLAGS"] == " ".join(runtime.cpu_flags(2))
+    # Unset or blank: the installed plugins decide.
+    monkeypatch.setattr(runtime.importlib.metadata, "entry_points", lambda group: ["a plugin"])
+    assert runtime.configure({"JAX_PLATFORMS": " "}) is None

@@ -278,3 +278,39 @@ def test_teacher_sees_the_students_augmented_batch_in_inference_mode():
                                atol=1e-6)
     assert not np.allclose(seen["teacher_logits"], teacher.apply(
         teacher_vars, expected, train=True, mutable=["batch_stats"])[0], rtol=1e-3)
+
+
+def with_labels(folder, out, name, change):
+    """A copy of the CIFAR folder ``folder`` with the labels of file ``name`` changed."""
+    out.mkdir()
+    for path in folder.iterdir():
+        records = np.frombuffer(path.read_bytes(), np.uint8).reshape(-1, 3073).copy()
+        if path.name == name:
+            records[:, 0] = change(records[:, 0])
+        (out / path.name).write_bytes(records.tobytes())
+    return out
+
+
+def test_validation_split_is_the_last_training_images_and_never_the_test_set(tiny_cifar,
+                                                                             tmp_path):
+    """--validation 40 holds out the last 40 training images (data_batch_5): changing the test
+    labels leaves every val_ figure as it was, changing those 40 labels moves them and leaves
+    the rest of the run (trained on the first 160 only) bit-identical."""
+    shift = lambda labels: (labels + 1) % 10
+    folders = {"base": tiny_cifar,
+               "test": with_labels(tiny_cifar, tmp_path / "t", "test_batch.bin", shift),
+               "val": with_labels(tiny_cifar, tmp_path / "v", "data_batch_5.bin", shift)}
+
+    def rows(name):
+        jobs.train_teacher(teacher_config(folders[name], tmp_path / f"run-{name}", epochs=1,
+                                          model="mlp1", width=8, learning_rate=0.01,
+                                          validation=40))
+        (row,) = metrics_without_timing(tmp_path / f"run-{name}")
+        return ({k: v for k, v in row.items() if k.startswith("val_")},
+                {k: v for k, v in row.items() if not k.startswith("val_")})
+
+    (base_val, base_rest), (test_val, test_rest), (val_val, val_rest) = map(
+        rows, ("base", "test", "val"))
+    assert set(base_val) == {"val_loss", "val_accuracy"}
+    assert test_val == base_val and test_rest["test_loss"] != base_rest["test_loss"]
+    assert val_val["val_loss"] != base_val["val_loss"] and val_rest == base_rest
