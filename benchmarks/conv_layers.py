@@ -1,4 +1,4 @@
-"""Milliseconds per ResNet-18 convolution on one CPU core: XLA's own against ``kd_jax.conv``.
+"""Milliseconds per ResNet-18 convolution on one CPU core: XLA's own against ``kd_jax.core.conv``.
 
 For each layer shape of ResNet-18 (CIFAR stem), times the forward pass, the input gradient and
 the kernel gradient, each jitted on its own, median of ``--repeats`` calls after compilation.
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import jax  # noqa: E402
 from jax import lax  # noqa: E402
 
-from kd_jax import conv as kd_conv  # noqa: E402
+from kd_jax.core import conv as kd_conv  # noqa: E402
 
 # (map size, in channels, out channels, kernel, stride) of ResNet-18's convolutions
 LAYERS = [(32, 64, 64, 3, 1), (16, 128, 128, 3, 1), (8, 256, 256, 3, 1), (4, 512, 512, 3, 1),

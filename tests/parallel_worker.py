@@ -39,11 +39,6 @@ from kd_jax.errors import KdError  # noqa: E402
 BATCH, STEPS, SHAPE = 8, 3, (8, 8, 3)
 SHARDING: dict[str, dict] = {}  # per kind: what the compiled step does across devices
 AUGMENTATION = Augmentation(crop_pad=2, flip=True, mean=(0.5,) * 3, std=(0.25,) * 3)
-# One image per step of kd_jax.core.conv's loops, so that they run over the sharded batch here too
-# (these images are far smaller than a real chunk), and bf16 matrix-product convolutions for
-# these few channels.
-kd_conv.CHUNK_VALUES = 1
-kd_conv.MATMUL_MIN_CHANNELS = 1
 
 
 def global_array(x: np.ndarray, mesh: Mesh) -> jax.Array:
@@ -116,8 +111,12 @@ def bf16_conv(mesh: Mesh) -> list[float]:
     dims = ("NHWC", "HWIO", "NHWC")
 
     def value_and_grads(x, w):
+        # One image per step of the loops, so that they run over the sharded batch here too
+        # (these images are far smaller than a real chunk), and matrix products for these few
+        # channels.
         y, vjp = jax.vjp(lambda x, w: kd_conv.conv_general_dilated(
-            x, w, (1, 1), "SAME", dimension_numbers=dims), x, w)
+            x, w, (1, 1), "SAME", dimension_numbers=dims, chunk_values=1,
+            matmul_min_channels=1), x, w)
         return (y, *vjp(jnp.cos(y)))
 
     sharded = jax.make_array_from_callback(x.shape, NamedSharding(mesh, P("data")),

@@ -8,7 +8,6 @@ existing run's files are byte-identical: inputs must be refused before anything 
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import shutil
 from pathlib import Path
@@ -16,8 +15,15 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from _reliability_util import cache_env, run_cli, snapshot, write_cifar_binary
-from conftest import write_cifar100_binary
+from _helpers import (
+    Exploit,
+    cache_env,
+    random_cifar_records,
+    run_cli,
+    snapshot,
+    write_cifar100_binary,
+    write_cifar_binary,
+)
 
 from kd_jax.cli.config import DistillConfig, TeacherConfig, to_json
 from kd_jax.cli.jobs import distill, train_teacher
@@ -65,7 +71,8 @@ def existing(tmp_path, saved_run):
 
 @pytest.fixture
 def data_dir(tmp_path):
-    return write_cifar_binary(tmp_path / "cifar", per_batch=16, test=16)
+    return write_cifar_binary(tmp_path / "cifar", per_batch=16, test=16,
+                              records=random_cifar_records)
 
 
 def error_of(job, config_class, argv, capsys) -> str:
@@ -157,19 +164,11 @@ def test_malformed_cifar100_file(capsys, existing, tmp_path):
 
 
 # --------------------------------------------------------------------------- safe loading
-class _Exploit:
-    def __init__(self, target):
-        self.target = target
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.target}",)
-
-
 def test_malicious_pickle_is_refused_and_never_run(capsys, existing, tmp_path):
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
     target = tmp_path / "pwned"
-    (folder / "data_batch_1").write_bytes(pickle.dumps({b"data": _Exploit(target)}))
+    (folder / "data_batch_1").write_bytes(pickle.dumps({b"data": Exploit(target)}))
     with pytest.raises(KdError, match=r"refusing to load global posix\.system"):
         data.read_python_batch(folder / "data_batch_1")
     message = teacher_error(capsys, existing, "--data-dir", tmp_path)

@@ -8,14 +8,13 @@ pixels (``cifar-100-binary``), and the python layout's pickled dicts (``cifar-10
 from __future__ import annotations
 
 import dataclasses
-import os
 import pickle
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_cifar100_binary, write_cifar_binary
+from _helpers import Exploit, write_cifar100_binary, write_cifar_binary
 from test_data import serve_archive, url_info
 
 from kd_jax.core import data
@@ -127,14 +126,6 @@ def test_malformed_binary_files_name_the_file(tiny_cifar100, name, damage, messa
     assert str(error.value) == message.format(p=path)
 
 
-class _Exploit:
-    def __init__(self, target):
-        self.target = target
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.target}",)
-
-
 def _set(key, value):
     return lambda batch: {**batch, key: value}
 
@@ -169,7 +160,7 @@ def test_malformed_python_files_name_the_file(tmp_path, name, damage, message):
 def test_pickle_that_would_run_code_is_refused(tmp_path):
     target = tmp_path / "pwned"
     folder = write_python_layout(tmp_path / "cifar-100-python",
-                                 lambda file, batch: _Exploit(target) if file == "train" else batch)
+                                 lambda file, batch: Exploit(target) if file == "train" else batch)
     with pytest.raises(KdError) as error:
         data.load_cifar100(folder)
     assert str(error.value) == (f"{folder / 'train'}: not a safe CIFAR-100 python batch "

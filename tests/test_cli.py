@@ -1,20 +1,12 @@
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _helpers import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--epochs", "1", "--batch-size", "40", "--eval-batch-size", "40", "--no-progress"]
-
-
-def run(script, *args, cwd=REPO):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd,
-                          env=env, capture_output=True, text=True, timeout=600)
 
 
 def frozen_logits(workdir, data_dir, validation=40):
@@ -42,8 +34,8 @@ def accuracy(logits_and_labels):
 
 
 def test_teacher_then_student_end_to_end(tiny_cifar, tmp_path):
-    teacher = run("train_teacher.py", "--data-dir", tiny_cifar, "--workdir", tmp_path / "t",
-                  "--model", "resnet8", "--width", "4", "--validation", "40", *TINY)
+    teacher = run_cli("train_teacher.py", "--data-dir", tiny_cifar, "--workdir", tmp_path / "t",
+                      "--model", "resnet8", "--width", "4", "--validation", "40", *TINY)
     assert teacher.returncode == 0, teacher.stderr
     summary = json.loads((tmp_path / "t" / "summary.json").read_text())
     assert summary["model"] == "resnet8"
@@ -53,10 +45,10 @@ def test_teacher_then_student_end_to_end(tiny_cifar, tmp_path):
     assert (tmp_path / "t" / "curves.png").stat().st_size > 0
     assert len((tmp_path / "t" / "metrics.jsonl").read_text().splitlines()) == 1
 
-    student = run("distill.py", "--data-dir", tiny_cifar, "--teacher-dir", tmp_path / "t",
-                  "--workdir", tmp_path / "s", "--student", "resnet8", "--student-width", "2",
-                  "--temperature", "4", "--omit-class", "cat", "--holdout", "50",
-                  "--validation", "40", *TINY)
+    student = run_cli("distill.py", "--data-dir", tiny_cifar, "--teacher-dir", tmp_path / "t",
+                      "--workdir", tmp_path / "s", "--student", "resnet8", "--student-width", "2",
+                      "--temperature", "4", "--omit-class", "cat", "--holdout", "50",
+                      "--validation", "40", *TINY)
     assert student.returncode == 0, student.stderr
     summary = json.loads((tmp_path / "s" / "summary.json").read_text())
     for key in ("test_accuracy", "agreement", "test_kl", "teacher_test_accuracy",
@@ -90,8 +82,8 @@ def test_teacher_then_student_end_to_end(tiny_cifar, tmp_path):
     (["--omit-class", "zebra"], "error: unknown class 'zebra'; choose one of: airplane, "),
 ])
 def test_bad_distill_arguments_are_one_line_errors(tiny_cifar, tmp_path, args, message):
-    result = run("distill.py", "--data-dir", tiny_cifar, "--workdir", tmp_path / "s",
-                 "--teacher-dir", tmp_path / "none", *args)
+    result = run_cli("distill.py", "--data-dir", tiny_cifar, "--workdir", tmp_path / "s",
+                     "--teacher-dir", tmp_path / "none", *args)
     assert result.returncode == 2
     assert result.stderr.startswith(message) and result.stderr.count("\n") == 1
 
@@ -99,9 +91,9 @@ def test_bad_distill_arguments_are_one_line_errors(tiny_cifar, tmp_path, args, m
 def test_yaml_config_is_checked(tmp_path):
     (tmp_path / "bad.yaml").write_text("epochs: 3\nlearning_rte: 0.1\n")
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
-    bad = run("train_teacher.py", "--config", tmp_path / "bad.yaml")
+    bad = run_cli("train_teacher.py", "--config", tmp_path / "bad.yaml")
     assert bad.stderr == f"error: {tmp_path / 'bad.yaml'}: unknown config key 'learning_rte'\n"
-    listed = run("train_teacher.py", "--config", tmp_path / "list.yaml")
+    listed = run_cli("train_teacher.py", "--config", tmp_path / "list.yaml")
     assert listed.stderr == (f"error: {tmp_path / 'list.yaml'}: a config must be a mapping of "
                              "keys to values, found list\n")
 
@@ -143,10 +135,10 @@ def test_narrow_resnet_beats_chance_on_real_cifar10(real_cifar, tmp_path):
 
     The schedule is pinned to the one this threshold was set on (2 of the 3 epochs warming
     up), not left to the defaults, which are chosen for 10-epoch runs."""
-    result = run("train_teacher.py", "--data-dir", real_cifar, "--workdir", tmp_path / "t",
-                 "--model", "resnet8", "--width", "16", "--train-subset", "4096",
-                 "--epochs", "3", "--batch-size", "128", "--learning-rate", "0.2",
-                 "--warmup-fraction", "0.67", "--no-progress")
+    result = run_cli("train_teacher.py", "--data-dir", real_cifar, "--workdir", tmp_path / "t",
+                     "--model", "resnet8", "--width", "16", "--train-subset", "4096",
+                     "--epochs", "3", "--batch-size", "128", "--learning-rate", "0.2",
+                     "--warmup-fraction", "0.67", "--no-progress")
     assert result.returncode == 0, result.stderr
     accuracy = json.loads((tmp_path / "t" / "summary.json").read_text())["test_accuracy"]
     print(f"real CIFAR-10 (partly JPEG-derived), resnet8 w16, 4096 images, 3 epochs: "

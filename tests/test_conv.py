@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,11 +44,11 @@ def test_kernel_gradient_is_a_matrix_product_on_cpu():
 
 @pytest.mark.parametrize("batch,size,cin,cout,kernel,stride", [
     (6, 8, 3, 4, 3, 1), (7, 7, 4, 6, 3, 2), (8, 8, 4, 6, 1, 2)])
-def test_kernel_gradient_accumulated_over_chunks_matches_lax(monkeypatch, batch, size, cin, cout,
-                                                             kernel, stride):
+def test_kernel_gradient_accumulated_over_chunks_matches_lax(batch, size, cin, cout, kernel,
+                                                             stride):
     """Two images per step of the loop (one for the odd batch): the sum is XLA's gradient."""
-    monkeypatch.setattr(kd_conv, "CHUNK_VALUES", 2 * size * size * cin)
-    assert kd_conv._loop_steps(batch, size * size * cin, kd_conv.CHUNK_VALUES) > 1
+    chunk_values = 2 * size * size * cin
+    assert kd_conv._loop_steps(batch, size * size * cin, chunk_values) > 1
     x = jax.random.normal(jax.random.key(0), (batch, size, size, cin))
     w = jax.random.normal(jax.random.key(1), (kernel, kernel, cin, cout))
     dn = lax.conv_dimension_numbers(x.shape, w.shape, ("NHWC", "HWIO", "NHWC"))
@@ -55,7 +57,8 @@ def test_kernel_gradient_accumulated_over_chunks_matches_lax(monkeypatch, batch,
         return jax.grad(lambda w: jnp.sum(jnp.sin(conv(x, w, (stride, stride), "SAME",
                                                        dimension_numbers=dn))))
 
-    np.testing.assert_allclose(grad(conv_general_dilated)(w), grad(lax.conv_general_dilated)(w),
+    chunked = partial(conv_general_dilated, chunk_values=chunk_values)
+    np.testing.assert_allclose(grad(chunked)(w), grad(lax.conv_general_dilated)(w),
                                rtol=1e-5, atol=1e-5)
 
 
@@ -84,16 +87,15 @@ def _bf16_value_and_grads(conv, x, w, stride, padding):
     (4, 8, 4, 6, 3, 1, "SAME"), (4, 8, 4, 6, 3, 2, "SAME"), (3, 7, 4, 6, 3, 2, "SAME"),
     (4, 8, 4, 6, 1, 2, "SAME"), (2, 6, 2, 4, 3, 1, ((2, 0), (1, 1))), (2, 8, 3, 4, 3, 1, "SAME"),
     (64, 4, 512, 512, 3, 1, "SAME")])  # ResNet-18's last stage on one of two devices
-def test_bfloat16_matches_float32_products(monkeypatch, chunk_values, batch, size, cin, cout,
-                                           kernel, stride, padding):
+def test_bfloat16_matches_float32_products(chunk_values, batch, size, cin, cout, kernel, stride,
+                                           padding):
     """bf16 value, input and kernel gradients (matrix products with float32 sums) against XLA's
     float32 convolution of the same bf16 numbers: equal to bf16 rounding."""
-    monkeypatch.setattr(kd_conv, "CHUNK_VALUES", chunk_values)
-    monkeypatch.setattr(kd_conv, "MATMUL_MIN_CHANNELS", 1)  # these few channels too
+    conv = partial(conv_general_dilated, chunk_values=chunk_values,
+                   matmul_min_channels=1)  # these few channels too
     x = jax.random.normal(jax.random.key(0), (batch, size, size, cin), jnp.bfloat16)
     w = jax.random.normal(jax.random.key(1), (kernel, kernel, cin, cout), jnp.bfloat16)
-    got = jax.jit(lambda x, w: _bf16_value_and_grads(conv_general_dilated, x, w, stride,
-                                                     padding))(x, w)
+    got = jax.jit(lambda x, w: _bf16_value_and_grads(conv, x, w, stride, padding))(x, w)
     f32 = lambda a: a.astype(jnp.float32)
     expected = _bf16_value_and_grads(
         lambda x, w, *a, **k: lax.conv_general_dilated(f32(x), f32(w), *a, **k).astype(x.dtype),
@@ -104,13 +106,12 @@ def test_bfloat16_matches_float32_products(monkeypatch, chunk_values, batch, siz
 
 
 @pytest.mark.parametrize("min_channels,products_only", [(1, True), (8, False)])
-def test_bfloat16_stride_one_convolution_is_matrix_products_only(monkeypatch, min_channels,
-                                                                  products_only):
+def test_bfloat16_stride_one_convolution_is_matrix_products_only(min_channels, products_only):
     """Forward, input gradient and kernel gradient of a bf16 stride-1 layer: no convolution,
-    unless it has fewer input channels than ``MATMUL_MIN_CHANNELS``."""
-    monkeypatch.setattr(kd_conv, "MATMUL_MIN_CHANNELS", min_channels)
+    unless it has fewer input channels than ``matmul_min_channels``."""
+    conv = partial(conv_general_dilated, matmul_min_channels=min_channels)
     x = jnp.ones((4, 8, 8, 4), jnp.bfloat16)
     w = jnp.ones((3, 3, 4, 6), jnp.bfloat16)
-    step = jax.jit(lambda x, w: _bf16_value_and_grads(conv_general_dilated, x, w, 1, "SAME"))
+    step = jax.jit(lambda x, w: _bf16_value_and_grads(conv, x, w, 1, "SAME"))
     hlo = step.lower(x, w).as_text()
     assert "dot_general" in hlo and ("convolution" not in hlo) == products_only

@@ -2,7 +2,6 @@ import functools
 import hashlib
 import http.server
 import io
-import os
 import pickle
 import re
 import tarfile
@@ -14,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import cifar_records, write_cifar_binary
+from _helpers import Exploit, cifar_records, write_cifar_binary
 
 from kd_jax.core import augment, data
 from kd_jax.errors import KdError
@@ -58,15 +57,9 @@ def test_python_layout_round_trip(tmp_path):
     assert folder.exists()
 
 
-class _Exploit:
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_pickle_that_would_run_code_is_refused(tmp_path):
     marker = tmp_path / "pwned"
-    _Exploit.marker = marker
-    write_python_layout(tmp_path / "py", lambda i, d: _Exploit() if i == 0 else d)
+    write_python_layout(tmp_path / "py", lambda i, d: Exploit(marker) if i == 0 else d)
     with pytest.raises(KdError, match=r"data_batch_1: not a safe CIFAR-10 python batch "
                                       r"\(UnpicklingError: refusing to load global posix.system\)"):
         data.load_cifar10(tmp_path / "py")

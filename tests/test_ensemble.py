@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import write_cifar_binary
+from _helpers import relabelled_copy, softmax, write_cifar_binary
 
 import kd_jax
 from kd_jax.cli import jobs
@@ -30,11 +30,6 @@ from kd_jax.core.teachers import (
     teacher_logits,
 )
 from kd_jax.errors import KdError
-
-
-def softmax(z):
-    e = np.exp(z - z.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 4.0, 20.0])
@@ -146,13 +141,7 @@ def test_teachers_of_different_widths_in_one_run(teachers, tmp_path):
 def test_a_multi_teacher_student_never_sees_a_label(teachers, tmp_path):
     """Scrambled training labels leave a three-teacher student bit-identical."""
     data, runs = teachers
-    scrambled = tmp_path / "scrambled"
-    scrambled.mkdir()
-    for path in data.iterdir():
-        records = np.frombuffer(path.read_bytes(), np.uint8).reshape(-1, 3073).copy()
-        if path.name.startswith("data_batch"):
-            records[:, 0] = (records[:, 0] + 7) % 10
-        (scrambled / path.name).write_bytes(records.tobytes())
+    scrambled = relabelled_copy(data, tmp_path / "scrambled", 7)
 
     def params(folder, name):
         config = distill_config(folder, tmp_path / name, runs)

@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import onnx  # noqa: E402
 import pytest
+from _helpers import write_cifar_binary
 from PIL import Image  # noqa: E402
 
 from kd_jax import export, predict, quantize, report  # noqa: E402
@@ -27,21 +28,17 @@ TRAIN_PER_FILE, TEST_IMAGES = 64, 300
 TRAIN_SUBSET, VALIDATION = 256, 64  # of the teacher: it fits the first 192 of 320 images
 
 
-def _write_batch(path, rng, n):
-    labels = rng.integers(0, 10, (n, 1), dtype=np.uint8)
-    pixels = rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8)
-    np.concatenate([labels, pixels], axis=1).tofile(path)
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
+    rng = np.random.default_rng(0)  # one stream through the six files, in order
+
+    def noise(n, i):
+        labels = rng.integers(0, 10, (n, 1), dtype=np.uint8)
+        pixels = rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8)
+        return np.concatenate([labels, pixels], axis=1).tobytes()
+
     folder = tmp_path_factory.mktemp("data") / "cifar-10-batches-bin"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(1, 6):
-        _write_batch(folder / f"data_batch_{i}.bin", rng, TRAIN_PER_FILE)
-    _write_batch(folder / "test_batch.bin", rng, TEST_IMAGES)
-    return str(folder)
+    return str(write_cifar_binary(folder, TRAIN_PER_FILE, TEST_IMAGES, records=noise))
 
 
 def _tiny(**kwargs):

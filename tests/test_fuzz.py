@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _reliability_util import cifar_records
+from _helpers import random_cifar_records
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -36,7 +36,7 @@ _YAML = b"epochs: 3\nbatch_size: 64\nlearning_rate: 0.1\nflip: true\nworkdir: ru
 
 # name -> (file name, valid bytes, loader(path))
 LOADERS = {
-    "cifar-binary": ("data_batch_1.bin", cifar_records(3, seed=0), data.read_binary_batch),
+    "cifar-binary": ("data_batch_1.bin", random_cifar_records(3, seed=0), data.read_binary_batch),
     "cifar-python": ("data_batch_1", _PYTHON_BATCH, data.read_python_batch),
     "cifar100-binary": ("train.bin", _BINARY_100,
                         lambda path: data.read_binary_batch(path, data.CIFAR100)),

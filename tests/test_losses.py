@@ -2,6 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _helpers import softmax
 
 from kd_jax.core.losses import (
     cross_entropy,
@@ -17,11 +18,6 @@ from kd_jax.core.losses import (
 )
 from kd_jax.core.teachers import target_log_probs
 from kd_jax.errors import KdError
-
-
-def softmax(z):
-    e = np.exp(z - z.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
 
 
 def numpy_kd(student, teacher, t):

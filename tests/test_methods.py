@@ -109,7 +109,7 @@ def test_cli_distills_with_dkd_from_labels(tmp_path):
     config record the loss and its settings."""
     import json
 
-    from _reliability_util import write_cifar_binary
+    from _helpers import random_cifar_records, write_cifar_binary
     from test_bad_inputs import make_run
 
     from kd_jax.cli.config import DistillConfig
@@ -117,7 +117,8 @@ def test_cli_distills_with_dkd_from_labels(tmp_path):
     from kd_jax.cli.main import main
 
     teacher = make_run(tmp_path / "teacher")
-    data_dir = write_cifar_binary(tmp_path / "cifar", per_batch=16, test=16)
+    data_dir = write_cifar_binary(tmp_path / "cifar", per_batch=16, test=16,
+                                  records=random_cifar_records)
     argv = ["--data-dir", data_dir, "--teacher-dir", teacher, "--workdir", tmp_path / "student",
             "--student", "mlp1", "--student-width", "8", "--loss", "dkd", "--alpha", "0.5",
             "--dkd-beta", "2", "--standardize-logits", "--epochs", "2", "--batch-size", "16",

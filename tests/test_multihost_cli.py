@@ -3,53 +3,33 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
+from _helpers import cli_command, free_port, run_processes, write_cifar_binary
 
 
 def fake_cifar(folder: Path, per_file: int = 64) -> Path:
     """CIFAR-10's binary layout with random pixels: 1 label byte + 3072 pixel bytes a record."""
-    rng = np.random.default_rng(0)
-    folder.mkdir()
-    for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
-        records = rng.integers(0, 256, (per_file, 3073), np.uint8)
+    rng = np.random.default_rng(0)  # one stream through the six files, in order
+
+    def noise(n, i):
+        records = rng.integers(0, 256, (n, 3073), np.uint8)
         records[:, 0] %= 10
-        records.tofile(folder / name)
-    return folder
+        return records.tobytes()
+
+    return write_cifar_binary(folder, per_file, per_file, records=noise)
 
 
 def run_two_processes(args: list[str], logs: Path,
                       timeout: float = 600) -> list[subprocess.CompletedProcess]:
-    """Both processes, their output in files (an undrained pipe could stall one of them);
-    both are killed if either is still running after ``timeout`` seconds."""
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-    logs.mkdir(exist_ok=True)
-    files = [(logs / f"out{i}", logs / f"err{i}") for i in range(2)]
-    procs = []
-    for i, (out, err) in enumerate(files):
-        with out.open("w") as o, err.open("w") as e:
-            procs.append(subprocess.Popen(
-                [sys.executable, str(ROOT / "train_teacher.py"), *args, "--coordinator-address",
-                 f"localhost:{port}", "--num-processes", "2", "--process-id", str(i)],
-                cwd=ROOT, env=env, stdout=o, stderr=e))
-    try:
-        codes = [p.wait(timeout=timeout) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    return [subprocess.CompletedProcess(p.args, code, out.read_text(), err.read_text())
-            for p, code, (out, err) in zip(procs, codes, files, strict=True)]
+    """``train_teacher.py`` as both processes of one job (see :func:`_helpers.run_processes`)."""
+    job = [*args, "--coordinator-address", f"localhost:{free_port()}", "--num-processes", "2"]
+    runs = [cli_command("train_teacher.py", *job, "--process-id", i, env={"XLA_FLAGS": ""})
+            for i in range(2)]
+    return run_processes([command for command, _ in runs], logs, runs[0][1], timeout=timeout)
 
 
 @pytest.mark.slow

@@ -23,10 +23,11 @@ from pathlib import Path
 import flax.linen as nn
 import numpy as np
 import pytest
-from _reliability_util import (
+from _helpers import (
     cache_env,
     metrics_rows,
     params_bytes,
+    random_cifar_records,
     run_cli,
     snapshot,
     start_cli,
@@ -52,7 +53,8 @@ def env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    return write_cifar_binary(tmp_path_factory.mktemp("cifar"))
+    return write_cifar_binary(tmp_path_factory.mktemp("cifar"), per_batch=64, test=64,
+                              records=random_cifar_records)
 
 
 def teacher_args(data_dir, workdir, *extra):

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import cifar_records
+from _helpers import cifar_records, relabelled_copy
 
 from kd_jax.cli import jobs
 from kd_jax.cli.config import DistillConfig, TeacherConfig
@@ -197,13 +197,7 @@ def test_student_never_sees_training_labels(tiny_cifar, tmp_path):
     """Permuting every training label leaves the distilled student bit-identical."""
     teacher_dir = tmp_path / "teacher"
     jobs.train_teacher(teacher_config(tiny_cifar, teacher_dir, epochs=1))
-    shuffled = tmp_path / "shuffled"
-    shuffled.mkdir()
-    for path in tiny_cifar.iterdir():
-        records = np.frombuffer(path.read_bytes(), np.uint8).reshape(-1, 3073).copy()
-        if path.name.startswith("data_batch"):
-            records[:, 0] = (records[:, 0] + 3) % 10
-        (shuffled / path.name).write_bytes(records.tobytes())
+    shuffled = relabelled_copy(tiny_cifar, tmp_path / "shuffled", 3)
 
     def student(data_dir, name):
         jobs.distill(DistillConfig(data_dir=str(data_dir), workdir=str(tmp_path / name),

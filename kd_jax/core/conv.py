@@ -18,6 +18,11 @@ It is opt-in: a model takes it as its convolution (``ResNet(conv=CpuConv)``; the
 jobs inject it on CPUs only, since cuDNN and the TPU compiler are good at convolutions). Only
 the case ResNets use is rewritten (NHWC input, HWIO kernel, no dilation, one feature group);
 anything else goes to ``lax.conv_general_dilated`` untouched.
+
+Its two tunables, the batch chunk a loop step reads (:data:`CHUNK_VALUES`) and the fewest
+input channels a bf16 matrix-product convolution takes (:data:`MATMUL_MIN_CHANNELS`), are
+keyword arguments with those defaults: a caller (the tests, on tiny images) passes others, e.g.
+``partial(nn.Conv, conv_general_dilated=partial(conv_general_dilated, chunk_values=1))``.
 """
 
 from __future__ import annotations
@@ -34,13 +39,32 @@ from jax import lax
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
+# Images per loop step are chosen so that one step's input holds at most this many values:
+# 1 MiB of float32 or 512 KiB of bfloat16, within a core's L2 cache (1 MiB on Zen 4, 2 MiB on
+# the Xeon). Per layer on one Xeon core, bf16, 64 images: 1 MiB per step took 64.5 / 37.7 ms
+# for the first two stages' kernel gradients, 512 KiB 52.9 / 24.4; for float32 the two were
+# within noise (see :func:`kernel_grad`). The default of ``chunk_values`` (tests pass a smaller
+# one to run the loops on tiny images).
+CHUNK_VALUES = 1 << 18
+
+# bf16 convolutions with fewer input channels stay XLA's: one Xeon core, 64 images, 3x3, XLA's
+# bf16 / matmul_conv: 16 channels at 32 x 32 5.2 / 10.2 ms, 32 at 16 x 16 2.3 / 3.9 ms, 32 at
+# 32 x 32 10.3 / 16.5 ms, 64 at 8 x 8 2.3 / 1.8 ms, 64 at 32 x 32 50.9 / 31.1 ms.
+MATMUL_MIN_CHANNELS = 64
+
 
 def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
                          padding: str | Sequence[tuple[int, int]], lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1,
                          batch_group_count: int = 1, precision=None,
-                         preferred_element_type=None) -> jax.Array:
-    """``lax.conv_general_dilated``, with matrix products where XLA:CPU is slow (module doc)."""
+                         preferred_element_type=None, *, chunk_values: int = CHUNK_VALUES,
+                         matmul_min_channels: int = MATMUL_MIN_CHANNELS) -> jax.Array:
+    """``lax.conv_general_dilated``, with matrix products where XLA:CPU is slow (module doc).
+
+    ``chunk_values`` bounds the input values a loop step reads (:data:`CHUNK_VALUES`);
+    bfloat16 convolutions with fewer than ``matmul_min_channels`` input channels stay XLA's
+    (:data:`MATMUL_MIN_CHANNELS`).
+    """
     plain = partial(lax.conv_general_dilated, window_strides=window_strides, padding=padding,
                     lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
                     dimension_numbers=dimension_numbers,
@@ -56,7 +80,8 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
         return plain(lhs, rhs)
     if isinstance(padding, str):
         padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
-    return _conv(lhs, rhs, tuple(window_strides), tuple(map(tuple, padding)), precision)
+    return _conv(lhs, rhs, tuple(window_strides), tuple(map(tuple, padding)), precision,
+                 chunk_values, matmul_min_channels)
 
 
 # flax's convolution with this one inside: what a ResNet takes as ``conv`` on CPUs.
@@ -69,45 +94,42 @@ def _plain(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
                                     precision=precision)
 
 
-# bf16 convolutions with fewer input channels stay XLA's: one Xeon core, 64 images, 3x3, XLA's
-# bf16 / matmul_conv: 16 channels at 32 x 32 5.2 / 10.2 ms, 32 at 16 x 16 2.3 / 3.9 ms, 32 at
-# 32 x 32 10.3 / 16.5 ms, 64 at 8 x 8 2.3 / 1.8 ms, 64 at 32 x 32 50.9 / 31.1 ms.
-MATMUL_MIN_CHANNELS = 64
-
-
-def _as_matmul(x: jax.Array, kernel: jax.Array) -> bool:
+def _as_matmul(x: jax.Array, kernel: jax.Array, min_channels: int) -> bool:
     """Whether convolving ``x`` with ``kernel`` runs as :func:`matmul_conv`: bfloat16, at
-    least :data:`MATMUL_MIN_CHANNELS` input channels, and input and output channels that pair
-    into 32-bit words (see :func:`_words`)."""
-    return (_packable(x) and kernel.dtype == x.dtype and x.shape[-1] >= MATMUL_MIN_CHANNELS
+    least ``min_channels`` input channels (:data:`MATMUL_MIN_CHANNELS` by default), and input
+    and output channels that pair into 32-bit words (see :func:`_words`)."""
+    return (_packable(x) and kernel.dtype == x.dtype and x.shape[-1] >= min_channels
             and kernel.shape[-1] % 2 == 0)
 
 
 def _forward(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
-             padding: tuple[tuple[int, int], ...], precision: Any) -> jax.Array:
-    if _as_matmul(x, kernel):
-        return matmul_conv(x, kernel, strides, padding)
+             padding: tuple[tuple[int, int], ...], precision: Any, chunk_values: int,
+             min_channels: int) -> jax.Array:
+    if _as_matmul(x, kernel, min_channels):
+        return matmul_conv(x, kernel, strides, padding, chunk_values=chunk_values)
     return _plain(x, kernel, strides, padding, precision)
 
 
-_conv = jax.custom_vjp(_forward, nondiff_argnums=(2, 3, 4))
+_conv = jax.custom_vjp(_forward, nondiff_argnums=(2, 3, 4, 5, 6))
 
 
-def _conv_fwd(x, kernel, strides, padding, precision):
-    return _forward(x, kernel, strides, padding, precision), (x, kernel)
+def _conv_fwd(x, kernel, strides, padding, precision, chunk_values, min_channels):
+    return _forward(x, kernel, strides, padding, precision, chunk_values, min_channels), (x, kernel)
 
 
-def _conv_bwd(strides, padding, precision, residuals, dy):
+def _conv_bwd(strides, padding, precision, chunk_values, min_channels, residuals, dy):
     x, kernel = residuals
-    return (_input_grad(x, kernel, dy, strides, padding, precision),
-            kernel_grad(x, dy, kernel.shape, strides, padding).astype(kernel.dtype))
+    return (_input_grad(x, kernel, dy, strides, padding, precision, chunk_values, min_channels),
+            kernel_grad(x, dy, kernel.shape, strides, padding,
+                        chunk_values=chunk_values).astype(kernel.dtype))
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
 def _input_grad(x: jax.Array, kernel: jax.Array, dy: jax.Array, strides: tuple[int, int],
-                padding: tuple[tuple[int, int], ...], precision: Any) -> jax.Array:
+                padding: tuple[tuple[int, int], ...], precision: Any, chunk_values: int,
+                min_channels: int) -> jax.Array:
     """d(loss)/dx. At stride 1 it is the convolution of ``dy`` with the kernel turned by 180
     degrees and its channels swapped, padded by what the forward pass cut off, so bfloat16 takes
     :func:`matmul_conv`; strided convolutions keep XLA's own gradient."""
@@ -115,25 +137,20 @@ def _input_grad(x: jax.Array, kernel: jax.Array, dy: jax.Array, strides: tuple[i
     mirrored = ((kh - 1 - padding[0][0], kh - 1 - padding[0][1]),
                 (kw - 1 - padding[1][0], kw - 1 - padding[1][1]))
     turned = jnp.flip(kernel, (0, 1)).swapaxes(2, 3)
-    if strides == (1, 1) and _as_matmul(dy, turned) and min(min(p) for p in mirrored) >= 0:
-        return matmul_conv(dy, turned, (1, 1), mirrored).astype(x.dtype)
+    if (strides == (1, 1) and _as_matmul(dy, turned, min_channels)
+            and min(min(p) for p in mirrored) >= 0):
+        return matmul_conv(dy, turned, (1, 1), mirrored,
+                           chunk_values=chunk_values).astype(x.dtype)
     _, input_vjp = jax.vjp(lambda x: _plain(x, kernel, strides, padding, precision), x)
     return input_vjp(dy)[0]
 
 
-# Images per loop step are chosen so that one step's input holds at most this many values:
-# 1 MiB of float32 or 512 KiB of bfloat16, within a core's L2 cache (1 MiB on Zen 4, 2 MiB on
-# the Xeon). Per layer on one Xeon core, bf16, 64 images: 1 MiB per step took 64.5 / 37.7 ms
-# for the first two stages' kernel gradients, 512 KiB 52.9 / 24.4; for float32 the two were
-# within noise (see :func:`kernel_grad`). Read at trace time (tests lower it to run the
-# loops on tiny images).
-CHUNK_VALUES = 1 << 18
-
-
 def matmul_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
-                padding: Sequence[tuple[int, int]]) -> jax.Array:
+                padding: Sequence[tuple[int, int]], *,
+                chunk_values: int = CHUNK_VALUES) -> jax.Array:
     """The convolution as im2col (positions x taps*cin) times the kernel (taps*cin x cout),
-    accumulated in float32, over cache-sized chunks of the batch; output in ``x.dtype``.
+    accumulated in float32, over chunks of the batch of at most ``chunk_values`` input values
+    (cache-sized by default); output in ``x.dtype``.
 
     For bfloat16 on CPU: XLA:CPU multiplies bf16 matrices ~4.5x faster than float32 ones
     (4096 x 576 x 64, one Xeon core: 0.44 vs 1.97 ms) but runs bf16 convolutions no faster than
@@ -144,7 +161,7 @@ def matmul_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
     kh, kw, cin, cout = kernel.shape
     ho = (h + sum(padding[0]) - kh) // strides[0] + 1
     wo = (w + sum(padding[1]) - kw) // strides[1] + 1
-    _, xs = _chunks(x, _packed(x))
+    _, xs = _chunks(x, _packed(x), chunk_values=chunk_values)
     weights = kernel.reshape(kh * kw * cin, cout)
 
     def chunk_out(k, ys):
@@ -160,8 +177,10 @@ def matmul_conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
 
 
 def kernel_grad(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int],
-                strides: Sequence[int], padding: Sequence[tuple[int, int]]) -> jax.Array:
-    """d(loss)/d(kernel), accumulated over cache-sized chunks of the batch (float32).
+                strides: Sequence[int], padding: Sequence[tuple[int, int]], *,
+                chunk_values: int = CHUNK_VALUES) -> jax.Array:
+    """d(loss)/d(kernel), accumulated over chunks of the batch of at most ``chunk_values``
+    input values, cache-sized by default (float32).
 
     The gradient is one matrix product of ``dy`` (positions x cout) and the input's im2col
     (positions x every kernel tap's input channels), contracting over images and positions.
@@ -174,7 +193,7 @@ def kernel_grad(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int],
     cout) 195 ms.
     """
     kh, kw, cin, cout = kernel_shape
-    _, xs, dys = _chunks(x, _packed(x), _packed(dy),
+    _, xs, dys = _chunks(x, _packed(x), _packed(dy), chunk_values=chunk_values,
                          min_steps=2 if dy.dtype == jnp.bfloat16 else 1)
     # bf16 takes the fast product only inside a real loop: with one step XLA drops the loop,
     # folds the final transpose into the product and then fails to run it (jax 0.10.2, CPU).
@@ -192,9 +211,10 @@ def kernel_grad(x: jax.Array, dy: jax.Array, kernel_shape: Sequence[int],
     return per_group.sum(0).T.reshape(kh, kw, cin, cout)
 
 
-def _chunks(x: jax.Array, *more: jax.Array, min_steps: int = 1) -> list[jax.Array]:
+def _chunks(x: jax.Array, *more: jax.Array, chunk_values: int,
+            min_steps: int = 1) -> list[jax.Array]:
     """Each array as [groups, loop steps, images per step, ...], cut so that a step of ``x``
-    holds at most :data:`CHUNK_VALUES`, in at least ``min_steps`` steps where there are
+    holds at most ``chunk_values``, in at least ``min_steps`` steps where there are
     enough images. The cut follows ``x`` alone, so ``more`` may hold packed copies of it
     (:func:`_packed`) and arrays of other shapes with the same batch.
 
@@ -207,7 +227,7 @@ def _chunks(x: jax.Array, *more: jax.Array, min_steps: int = 1) -> list[jax.Arra
     n = x.shape[0]
     groups = jax.device_count() if n % jax.device_count() == 0 else 1
     per_group = n // groups
-    budget = min(CHUNK_VALUES, per_group // min_steps * x[0].size)
+    budget = min(chunk_values, per_group // min_steps * x[0].size)
     steps = _loop_steps(per_group, x[0].size, budget)
     return [a.reshape(groups, steps, per_group // steps, *a.shape[1:]) for a in (x, *more)]
 
