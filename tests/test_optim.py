@@ -76,6 +76,8 @@ def test_weight_decay_reaches_kernels_only_and_groups_take_their_lr():
     the whitening layer never moves."""
     state = model_state(weight_decay=0.1, bn_lr_factor=4.0, head_lr_factor=0.5,
                         bn_weight_decay=0.01)
+    # Biases start at 0, where decay is invisible: move every parameter off its init first.
+    state = state.replace(params=jax.tree.map(lambda p: p + 0.3, state.params))
     params, updates = flat(state.params), one_update(state)
     for name, update in updates.items():
         p = np.asarray(params[name])
