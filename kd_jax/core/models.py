@@ -24,7 +24,7 @@ teacher 784-1200-1200-10, at width 800 the student 784-800-800-10.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any
 
 import flax.linen as nn
@@ -375,10 +375,24 @@ def model_width(name: str, width: int | None) -> int:
     return width
 
 
-def init_variables(model: nn.Module, image_shape: Sequence[int], seed: int) -> dict:
-    """Initialise params (and batch_stats for BN models) for images of ``image_shape`` (HWC)."""
+@lru_cache(maxsize=32)
+def _compiled_init(model: nn.Module, image_shape: tuple[int, ...]) -> Callable:
     dummy = jnp.zeros((1, *image_shape), jnp.float32)
-    return jax.jit(lambda key: model.init(key, dummy, train=False))(jax.random.key(seed))
+    return jax.jit(lambda key: model.init(key, dummy, train=False))
+
+
+def init_variables(model: nn.Module, image_shape: Sequence[int], seed: int) -> dict:
+    """Initialise params (and batch_stats for BN models) for images of ``image_shape`` (HWC).
+
+    The jitted initialiser is kept per (model, shape): linen modules compare by their fields,
+    so another seed of the same architecture (the teachers of an ensemble) compiles nothing.
+    """
+    image_shape = tuple(image_shape)
+    try:
+        init = _compiled_init(model, image_shape)
+    except TypeError:  # a module with unhashable fields: compiled for this call alone
+        init = _compiled_init.__wrapped__(model, image_shape)
+    return init(jax.random.key(seed))
 
 
 def count_params(params: Any) -> int:
