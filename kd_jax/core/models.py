@@ -377,8 +377,10 @@ def model_width(name: str, width: int | None) -> int:
 
 @lru_cache(maxsize=32)
 def _compiled_init(model: nn.Module, image_shape: tuple[int, ...]) -> Callable:
-    dummy = jnp.zeros((1, *image_shape), jnp.float32)
-    return jax.jit(lambda key: model.init(key, dummy, train=False))
+    # The dummy batch is made inside the jitted function: made outside, a first call under
+    # another transformation (a caller's jit) would keep its tracer in the cache.
+    return jax.jit(lambda key: model.init(key, jnp.zeros((1, *image_shape), jnp.float32),
+                                          train=False))
 
 
 def init_variables(model: nn.Module, image_shape: Sequence[int], seed: int) -> dict:
