@@ -311,14 +311,12 @@ def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
         shown = "" if default is None or default == "" else f" (default {default})"
         help_text = (comments.get(name, "") + shown).strip().replace("%", "%%")
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                help=help_text)
+            options = {"action": argparse.BooleanOptionalAction}
         elif kind is list:
-            parser.add_argument(flag, dest=name, action="append", default=None, metavar="DIR",
-                                help=help_text)
+            options = {"dest": name, "action": "append", "metavar": "DIR"}
         else:
-            parser.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper(),
-                                help=help_text)
+            options = {"type": kind, "metavar": kind.__name__.upper()}
+        parser.add_argument(flag, default=None, help=help_text, **options)
     return parser
 
 
