@@ -42,6 +42,14 @@ from kd_jax.core.augment import Passthrough, standardizing
 from kd_jax.core.checkpoint import latest_checkpoint
 from kd_jax.core.devices import make_mesh
 from kd_jax.core.evaluation import ClassificationEval, DistillationEval, make_predict
+from kd_jax.core.features import (
+    FeatureLoss,
+    init_adapters,
+    make_feature_loss,
+    split_adapters,
+    stage_shapes,
+    with_adapters,
+)
 from kd_jax.core.hooks import Checkpointer, MetricsWriter, Progress, StopOnSignal
 from kd_jax.core.losses import DistillLoss, make_loss
 from kd_jax.core.models import count_params
@@ -115,9 +123,10 @@ def train(model: nn.Module, images: np.ndarray, labels: np.ndarray, *,
 def distill(student: nn.Module, teachers: Any, images: np.ndarray, *,
             labels: np.ndarray | None = None, temperature: float = 4.0, alpha: float = 1.0,
             loss: str | DistillLoss = "kd", combine: str = "probs",
-            eval_sets: EvalSets | None = None, recipe: Recipe = DEFAULT_RECIPE, epochs: int = 10,
-            batch_size: int = 512, augmentation: Any = None, seed: int = 0,
-            variables: dict | None = None, workdir: str | Path | RunDir | None = None,
+            features: str | FeatureLoss | None = None, eval_sets: EvalSets | None = None,
+            recipe: Recipe = DEFAULT_RECIPE, epochs: int = 10, batch_size: int = 512,
+            augmentation: Any = None, seed: int = 0, variables: dict | None = None,
+            workdir: str | Path | RunDir | None = None,
             resume: bool = False, overwrite: bool = False, checkpoint_every_steps: int = 0,
             hooks: Sequence[Hook] = (), progress: bool = True, eval_batch_size: int = 1000,
             steps_per_dispatch: int = 0, config: dict | None = None,
@@ -135,10 +144,15 @@ def distill(student: nn.Module, teachers: Any, images: np.ndarray, *,
     ``labels`` is an error, and the step cannot take them. With ``alpha < 1``,
     ``(1 - alpha) * CE`` on ``labels`` at T = 1 is added. A loss that needs each image's true
     class (DKD) is given the same labels, so it needs ``alpha < 1``: one rule, label-free
-    exactly when ``alpha == 1``. Every eval set also reports the student's agreement with
+    exactly when ``alpha == 1``. ``features``: a feature method added to the loss, ``"fitnets"``
+    or ``"at"`` at its paper's weight or a :class:`kd_jax.core.features.FeatureLoss`, between
+    the stage outputs student and (one) teacher sow; its regressor trains with the student,
+    is checkpointed with it and is left out of the returned state's
+    ``inference_variables()``. Every eval set also reports the student's agreement with
     the (ensemble) teacher. Other arguments as :func:`train`.
     """
     loss = make_loss(loss, temperature) if isinstance(loss, str) else loss
+    features = make_feature_loss(features) if isinstance(features, str) else features
     _check_distill_labels(loss, alpha, labels)
     if combine not in COMBINE:
         raise KdError(f"combine must be {' or '.join(COMBINE)}, got {combine!r}")
@@ -151,11 +165,14 @@ def distill(student: nn.Module, teachers: Any, images: np.ndarray, *,
     evaluators = [DistillationEval(ClassificationEval(name, x, y, run.predict),
                                    run.ensemble_logits(ensemble, x, combine))
                   for name, x, y in run.eval_sets]
-    step = make_distill_step(ensemble, loss, alpha, combine, run.steps_per_epoch)
+    step = make_distill_step(ensemble, loss, alpha, combine, run.steps_per_epoch, features)
+    if features is not None:
+        run.add_adapters(features, ensemble.apply_fns[0], ensemble.stacked[0])
     config = config or run.describe("distill", temperature=temperature, alpha=alpha,
                                     loss=loss.name, loss_params=loss.params,
                                     standardize_logits=loss.standardize, combine=combine,
-                                    teachers=ensemble.size)
+                                    teachers=ensemble.size,
+                                    features=features and dataclasses.asdict(features))
     return run.fit(step, arrays, evaluators, workdir, config, resume, overwrite,
                    checkpoint_every_steps, hooks, progress, steps_per_dispatch, summary)
 
@@ -215,11 +232,22 @@ class _Run:
         self.steps_per_epoch = max(len(images) // batch_size, 1)
         self.tx, self.schedule = make_optimizer(recipe, epochs * self.steps_per_epoch,
                                                 self.steps_per_epoch)
+        self.sample = self.preprocess.normalize(jax.numpy.asarray(images[:1]))
         if variables is None:
-            sample = self.preprocess.normalize(jax.numpy.asarray(images[:1]))
-            variables = jax.jit(lambda key: model.init(key, sample, train=False))(
+            variables = jax.jit(lambda key: model.init(key, self.sample, train=False))(
                 jax.random.key(seed))
+        self.variables = variables
         self.state = create_state(model, variables, self.tx, recipe.ema_decay)
+
+    def add_adapters(self, features: FeatureLoss, teacher_apply: Callable,
+                     teacher_variables: dict) -> None:
+        """Give the student the feature method's trainable parameters (its optimizer state
+        and weight average with them), once both models' stages are known to pair."""
+        student = stage_shapes(self.model.apply, self.variables, self.sample, "student")
+        teacher = stage_shapes(teacher_apply, teacher_variables, self.sample, "teacher")
+        adapters = init_adapters(features, student, teacher, self.seed)
+        self.state = create_state(self.model, with_adapters(self.variables, adapters), self.tx,
+                                  self.recipe.ema_decay)
 
     def replicate(self, array: Any) -> jax.Array:
         return jax.device_put(array, NamedSharding(self.mesh, P()))
@@ -273,7 +301,9 @@ class _Run:
                 summary: Callable | None, config: dict) -> None:
         """summary.json (the last epoch, the caller's fields, timing, what made the run) and
         the plot, the teacher's test accuracy as its reference line."""
-        report = {"params": count_params(state.params), "devices": self.mesh.size,
+        own, adapters = split_adapters(state.params)
+        report = {"params": count_params(own), "devices": self.mesh.size,
+                  **({"adapter_params": count_params(adapters)} if adapters else {}),
                   "train_images": self.num_train, **history[-1],
                   **(summary(state) if summary else {}), **timing,
                   "environment": environment()}

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kd_jax import Hook
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -193,3 +195,14 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file under ``folder`` by relative path: to assert nothing was changed."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
             if p.is_file()}
+
+
+class CrashAfterCheckpoint(Hook):
+    """Fails the run once the checkpoint of global step ``step`` has been started."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def after_save(self, trainer, what):
+        if what == "checkpoint" and int(trainer.state.step) == self.step:
+            raise RuntimeError("crashed after the checkpoint")

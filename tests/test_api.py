@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from _helpers import CrashAfterCheckpoint
 
 import kd_jax
 from kd_jax.errors import KdError
@@ -167,17 +168,6 @@ class Dispatches(kd_jax.Hook):
 
     def after_dispatch(self, trainer, before, after):
         self.seen.append((before, after))
-
-
-class CrashAfterCheckpoint(kd_jax.Hook):
-    """Fails the run once the checkpoint of global step ``step`` has been started."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def after_save(self, trainer, what):
-        if what == "checkpoint" and int(trainer.state.step) == self.step:
-            raise RuntimeError("crashed after the checkpoint")
 
 
 def file_digests(folder: Path) -> dict[str, str]:

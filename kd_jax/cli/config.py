@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kd_jax.core.augment import PAD_MODES, TTA_MODES
+from kd_jax.core.features import FEATURE_LOSSES, FeatureLoss, make_feature_loss
 from kd_jax.core.losses import LOSSES, DistillLoss, make_loss
 from kd_jax.core.optim import LR_SCHEDULES
 from kd_jax.core.teachers import COMBINE
@@ -174,6 +175,13 @@ class DistillConfig(RunConfig):
     dkd_warmup_epochs: int = 20  # the DKD term's weight ramps up linearly over these epochs
     dist_beta: float = 1.0  # weight of DIST's inter-class relation (per image)
     dist_gamma: float = 1.0  # weight of DIST's intra-class relation (per class)
+    # A feature method added to the loss (kd_jax.core.features): none, fitnets (Romero et al.
+    # 2015: a hint stage through a learned regressor) or at (attention transfer, Zagoruyko &
+    # Komodakis 2017). With --alpha 0 it is RepDistiller's setting: cross-entropy + feature.
+    feature_loss: str = "none"
+    feature_weight: float | None = None  # its weight; default the method's (fitnets 100, at 1000)
+    fitnets_hint_stage: int = 1  # the stage regressed (0-based; 1 = RepDistiller's hint layer)
+    at_p: float = 2.0  # attention maps are mean_c |A_c|^p
     student: str = "resnet18"  # the student's architecture (see train_teacher.py --model)
     student_width: int | None = None  # the student's first-stage channels
     temperature: float = 4.0  # T of the softened distributions
@@ -201,6 +209,13 @@ class DistillConfig(RunConfig):
             owner = f.name.split("_")[0]
             if owner in LOSSES and owner != self.loss and getattr(self, f.name) != f.default:
                 raise KdError(f"{f.name} is a setting of loss {owner}, not of {self.loss}")
+            if (owner in FEATURE_LOSSES and owner != self.feature_loss
+                    and getattr(self, f.name) != f.default):
+                raise KdError(f"{f.name} is a setting of feature loss {owner}, "
+                              f"not of {self.feature_loss}")
+        if self.feature_loss == "none" and self.feature_weight is not None:
+            raise KdError("feature_weight weighs a feature loss: set --feature-loss too")
+        self.feature_method()
         if self.distill_loss().needs_labels and self.alpha == 1:
             raise KdError(f"loss {self.loss} needs each image's true class, so it cannot run "
                           "label-free (alpha 1): pass --alpha below 1 to train on labels too")
@@ -211,6 +226,13 @@ class DistillConfig(RunConfig):
         prefix = f"{self.loss}_"
         return {f.name[len(prefix):]: getattr(self, f.name) for f in dataclasses.fields(self)
                 if f.name.startswith(prefix)}
+
+    def feature_method(self) -> FeatureLoss | None:
+        """The configured feature method (None for none); ``KdError`` for a bad setting."""
+        if self.feature_loss == "none":
+            return None
+        return make_feature_loss(self.feature_loss, self.feature_weight,
+                                 self.fitnets_hint_stage, self.at_p)
 
     def distill_loss(self) -> DistillLoss:
         """The configured loss; ``KdError`` for an unknown name or a bad setting."""

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from kd_jax.core.features import without_adapters
 from kd_jax.core.models import create_model, model_options
 from kd_jax.core.rundir import read_json
 from kd_jax.errors import KdError, WriteFailed
@@ -258,7 +259,8 @@ def load_frozen(workdir: str | Path) -> FrozenModel:
     prefix = "ema_" if averaged else ""
     # Models without BatchNorm (MLPs) have no batch_stats collection: leave it out rather
     # than add an empty one, so the tree matches the model's own variables.
-    variables = {"params": restored[f"{prefix}params"]}
+    # A feature method's adapters trained with the student; they are no part of the model.
+    variables = {"params": without_adapters(restored[f"{prefix}params"])}
     if restored.get(f"{prefix}batch_stats"):
         variables["batch_stats"] = restored[f"{prefix}batch_stats"]
     return FrozenModel(config, variables, path)

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kd_jax.core.features import sow_stages
 from kd_jax.errors import KdError
 
 ModuleDef = Any
@@ -98,6 +99,7 @@ class ResNet(nn.Module):
             for block in range(num_blocks):
                 strides = 2 if stage > 0 and block == 0 else 1
                 x = BasicBlock(self.width * 2**stage, strides, conv, norm, self.zero_init)(x)
+            sow_stages(self, x)
         x = jnp.mean(x, axis=(1, 2))
         x = nn.Dense(self.num_classes, dtype=self.dtype)(x)
         return x.astype(jnp.float32)
@@ -161,7 +163,9 @@ class WideResNet(nn.Module):
             for block in range(self.blocks):
                 strides = 2 if stage > 0 and block == 0 else 1
                 x = WideBlock(self.width * 2**stage, strides, conv, norm)(x)
-        x = jnp.mean(nn.relu(norm()(x)), axis=(1, 2))
+            if stage < 2:  # the last stage's output is taken after the final BN-ReLU
+                sow_stages(self, x)
+        x = jnp.mean(sow_stages(self, nn.relu(norm()(x))), axis=(1, 2))
         return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
 
 
@@ -190,6 +194,8 @@ class VGG(nn.Module):
                 x = nn.max_pool(x, (2, 2), (2, 2))
             for multiple in block:
                 x = nn.relu(norm()(conv(self.width * multiple, (3, 3))(x)))
+            if i > 0:  # block 0 plays the stem
+                sow_stages(self, x)
         x = jnp.mean(x, axis=(1, 2))
         head = nn.Dense(self.num_classes, dtype=self.dtype,
                         kernel_init=nn.initializers.normal(0.01))
@@ -263,7 +269,8 @@ class MLP(nn.Module):
         x = x.reshape(x.shape[0], -1).astype(self.dtype)
         x = nn.Dropout(self.input_dropout, deterministic=not train)(x)
         for units in self.hidden:
-            x = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(dense(units)(x)))
+            x = nn.Dropout(self.dropout, deterministic=not train)(
+                sow_stages(self, nn.relu(dense(units)(x))))
         return dense(self.num_classes)(x).astype(jnp.float32)
 
 

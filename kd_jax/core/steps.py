@@ -23,6 +23,14 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from kd_jax.core.augment import Augmentation
+from kd_jax.core.features import (
+    FEATURES,
+    STAGES,
+    FeatureLoss,
+    feature_term,
+    split_adapters,
+    without_adapters,
+)
 from kd_jax.core.losses import (
     DistillLoss,
     cross_entropy,
@@ -36,7 +44,9 @@ from kd_jax.core.teachers import (
     make_ensemble,
     target_log_probs,
     teacher_logits,
+    teacher_stages,
 )
+from kd_jax.errors import KdError
 
 Metrics = dict[str, jax.Array]
 StepFn = Callable[..., tuple["TrainState", Metrics]]
@@ -68,10 +78,12 @@ class TrainState(train_state.TrainState):
                                                         new.batch_stats))
 
     def inference_variables(self) -> dict:
-        """The variables to evaluate and ship: the average when one is kept."""
+        """The variables to evaluate and ship: the average when one is kept, and never a
+        feature method's adapters (:func:`kd_jax.core.features.without_adapters`)."""
         if self.ema_decay:
-            return {"params": self.ema_params, "batch_stats": self.ema_batch_stats}
-        return {"params": self.params, "batch_stats": self.batch_stats}
+            return {"params": without_adapters(self.ema_params),
+                    "batch_stats": self.ema_batch_stats}
+        return {"params": without_adapters(self.params), "batch_stats": self.batch_stats}
 
 
 def create_state(model: nn.Module, variables: dict, tx: optax.GradientTransformation,
@@ -83,21 +95,29 @@ def create_state(model: nn.Module, variables: dict, tx: optax.GradientTransforma
                              ema_decay=ema_decay)
 
 
-def _apply_train(state: TrainState, params: Any, images: jax.Array, rng: jax.Array):
-    """Forward in training mode: logits and the updated BatchNorm statistics."""
+def _apply_train(state: TrainState, params: Any, images: jax.Array, rng: jax.Array,
+                 capture: bool = False):
+    """Forward in training mode: logits, the updated BatchNorm statistics and, with
+    ``capture``, the stage outputs the model sows (else None)."""
+    mutable = ["batch_stats", FEATURES] if capture else ["batch_stats"]
     logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats},
-                                     images, train=True, mutable=["batch_stats"],
+                                     images, train=True, mutable=mutable,
                                      rngs={"dropout": rng})
-    return logits, updates["batch_stats"]
+    stages = updates[FEATURES][STAGES] if capture else None
+    return logits, updates["batch_stats"], stages
 
 
 def _descend(state: TrainState, images: jax.Array, rng: jax.Array,
-             loss_of: Callable[[jax.Array], jax.Array]) -> tuple[TrainState, jax.Array, jax.Array]:
-    """One gradient step on ``loss_of(logits)``: the new state (BatchNorm statistics
-    included), the loss and the logits, which both steps reuse for their metrics."""
+             loss_of: Callable[..., jax.Array],
+             capture: bool = False) -> tuple[TrainState, jax.Array, jax.Array]:
+    """One gradient step on ``loss_of(logits, stages, adapters)``: the new state (BatchNorm
+    statistics included), the loss and the logits, which every step reuses for its metrics.
+    ``stages`` are the student's stage outputs (with ``capture``) and ``adapters`` the
+    feature method's parameters, trained with the model's own."""
     def objective(params):
-        logits, batch_stats = _apply_train(state, params, images, rng)
-        return loss_of(logits), (logits, batch_stats)
+        own, adapters = split_adapters(params)
+        logits, batch_stats, stages = _apply_train(state, own, images, rng, capture)
+        return loss_of(logits, stages, adapters), (logits, batch_stats)
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
     return state.apply_gradients(grads=grads, batch_stats=batch_stats), loss, logits
@@ -106,35 +126,46 @@ def _descend(state: TrainState, images: jax.Array, rng: jax.Array,
 def teacher_step(state: TrainState, images: jax.Array, labels: jax.Array, rng: jax.Array,
                  label_smoothing: float = 0.0) -> tuple[TrainState, Metrics]:
     """One cross-entropy step on labelled images."""
-    state, loss, logits = _descend(state, images, rng,
-                                   lambda logits: cross_entropy(logits, labels, label_smoothing))
+    state, loss, logits = _descend(
+        state, images, rng, lambda logits, *_: cross_entropy(logits, labels, label_smoothing))
     accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
     return state, {"train_loss": loss, "train_accuracy": accuracy}
 
 
 def _soft_step(ensemble: tuple, loss: DistillLoss, alpha: float, combine: str,
-               steps_per_epoch: int | None, teacher_variables: tuple, state: TrainState,
-               images: jax.Array, labels: jax.Array | None,
-               rng: jax.Array) -> tuple[TrainState, Metrics]:
+               steps_per_epoch: int | None, features: FeatureLoss | None,
+               teacher_variables: tuple, state: TrainState, images: jax.Array,
+               labels: jax.Array | None, rng: jax.Array) -> tuple[TrainState, Metrics]:
     apply_fns, sizes = ensemble
-    logits = teacher_logits(apply_fns, sizes, teacher_variables, images)
+    if features is None:
+        logits, hints = teacher_logits(apply_fns, sizes, teacher_variables, images), None
+    else:
+        logits, hints = teacher_stages(apply_fns[0], teacher_variables[0], images)
+        logits = [logits[None]]
     target = target_log_probs(logits, loss.temperature, combine,
                               standardize if loss.standardize else None)
     epoch = state.step // steps_per_epoch if loss.warmup_epochs else 0
-    state, value, student = _descend(
-        state, images, rng, lambda s: distillation_loss(s, target, loss, alpha, labels, epoch))
+
+    def loss_of(student, stages, adapters):
+        value = distillation_loss(student, target, loss, alpha, labels, epoch)
+        if features is None:
+            return value
+        return value + feature_term(features, adapters, stages, hints)
+
+    state, value, student = _descend(state, images, rng, loss_of, capture=features is not None)
     agreement = jnp.mean(jnp.argmax(student, -1) == jnp.argmax(target, -1))
     return state, {"distill_loss": value, "train_agreement": agreement}
 
 
-def _label_free_step(ensemble, loss, combine, steps_per_epoch, teacher_variables, state, images,
-                     rng):
-    return _soft_step(ensemble, loss, 1.0, combine, steps_per_epoch, teacher_variables, state,
-                      images, None, rng)
+def _label_free_step(ensemble, loss, combine, steps_per_epoch, features, teacher_variables,
+                     state, images, rng):
+    return _soft_step(ensemble, loss, 1.0, combine, steps_per_epoch, features,
+                      teacher_variables, state, images, None, rng)
 
 
 def make_distill_step(teachers: Ensemble, loss: DistillLoss, alpha: float = 1.0,
-                      combine: str = "probs", steps_per_epoch: int | None = None) -> StepFn:
+                      combine: str = "probs", steps_per_epoch: int | None = None,
+                      features: FeatureLoss | None = None) -> StepFn:
     """The student's step, closing over the frozen teachers.
 
     The teachers run in inference mode on exactly the augmented batch the student sees, and
@@ -143,7 +174,9 @@ def make_distill_step(teachers: Ensemble, loss: DistillLoss, alpha: float = 1.0,
     step is ``step(state, images, rng)``: it has no way to receive labels; otherwise
     ``step(state, images, labels, rng)``. A loss with a warm-up (DKD) needs
     ``steps_per_epoch``: its weight follows the epoch ``state.step // steps_per_epoch``, so
-    a resumed run continues the ramp where it stopped.
+    a resumed run continues the ramp where it stopped. ``features`` adds a feature method's
+    term (:mod:`kd_jax.core.features`) between the student's stage outputs and its one
+    teacher's; the student's params must then hold the method's adapters.
 
     The closure is a ``jax.tree_util.Partial``: a pytree whose leaves are the teachers'
     arrays, so when the step is handed to a jitted program they enter it as arguments. A plain
@@ -152,11 +185,14 @@ def make_distill_step(teachers: Ensemble, loss: DistillLoss, alpha: float = 1.0,
     """
     if loss.warmup_epochs and not steps_per_epoch:
         raise ValueError(f"loss {loss.name} warms up over epochs: pass steps_per_epoch")
+    if features is not None and teachers.size != 1:
+        raise KdError(f"feature loss {features.name} distills from one teacher, "
+                      f"got {teachers.size}")
     static = (teachers.apply_fns, teachers.sizes)
     if alpha == 1.0 and not loss.needs_labels:
-        step = partial(_label_free_step, static, loss, combine, steps_per_epoch)
+        step = partial(_label_free_step, static, loss, combine, steps_per_epoch, features)
     else:
-        step = partial(_soft_step, static, loss, alpha, combine, steps_per_epoch)
+        step = partial(_soft_step, static, loss, alpha, combine, steps_per_epoch, features)
     return jax.tree_util.Partial(step, teachers.stacked)
 
 

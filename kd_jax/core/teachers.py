@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kd_jax.core.checkpoint import load_frozen
+from kd_jax.core.features import FEATURES, STAGES
 from kd_jax.core.optim import head_module
 
 COMBINE = ("probs", "logits")
@@ -109,6 +110,14 @@ def teacher_logits(apply_fns: Sequence[Callable], sizes: Sequence[int],
         logits = jax.vmap(forward)(variables) if size > 1 else forward(variables)[None]
         out.append(jax.lax.stop_gradient(logits.astype(jnp.float32)))
     return out
+
+
+def teacher_stages(apply_fn: Callable, variables: dict,
+                   inputs: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """One teacher's float32 logits and the stage outputs it sows
+    (:mod:`kd_jax.core.features`), gradients stopped."""
+    logits, sown = apply_fn(variables, inputs, train=False, mutable=[FEATURES])
+    return jax.lax.stop_gradient((logits.astype(jnp.float32), sown[FEATURES][STAGES]))
 
 
 def target_log_probs(logits: Sequence[jax.Array], temperature: float, combine: str = "probs",
