@@ -2,10 +2,11 @@
 
 Times exactly what training runs (``kd_jax.core.steps.run_steps``: the batch gathered from
 device-resident uint8 images, augmented inside jit, every teacher's forward on that batch,
-the student's step), after compilation, on random data. ``stacked`` is how kd-jax runs
-teachers of one architecture (their variables stacked, one ``vmap``ped forward); ``loop``
-runs them one after the other in the same jitted step, for comparison. Medians over
-``--repeats`` rounds, the layouts interleaved so that machine load hits them alike.
+the student's step), after compilation, on random data, in each of kd-jax's ensemble
+layouts (``kd_jax.core.teachers``): ``stacked``, the teachers' variables stacked and one
+``vmap``ped forward, and ``loop``, one forward after the other in the same jitted step; the
+table marks the one ``auto`` picks on this backend. Medians over ``--repeats`` rounds, the
+layouts interleaved so that machine load hits them alike.
 
     python benchmarks/ensemble_step.py                                  # CPU-sized defaults
     python benchmarks/ensemble_step.py --teacher-width 64 --batch-size 512 --teachers 1,2,4,8
@@ -35,17 +36,9 @@ from kd_jax.core.losses import make_loss
 from kd_jax.core.models import create_model, init_variables
 from kd_jax.core.optim import Recipe, make_optimizer
 from kd_jax.core.steps import create_state, epoch_order, make_distill_step, run_steps
-from kd_jax.core.teachers import Ensemble, Teacher, make_ensemble
+from kd_jax.core.teachers import Teacher, make_ensemble, resolve_layout
 
 SHAPE = (32, 32, 3)
-
-
-def ensemble(teachers: list[Teacher], layout: str) -> Ensemble:
-    """kd-jax's grouping (``stacked``), or every teacher a group of its own (``loop``)."""
-    if layout == "stacked":
-        return make_ensemble(teachers)
-    return Ensemble(tuple(t.apply_fn for t in teachers), tuple(t.variables for t in teachers),
-                    (1,) * len(teachers), tuple((i, 0) for i in range(len(teachers))))
 
 
 def case(a: argparse.Namespace, count: int, layout: str):
@@ -57,7 +50,7 @@ def case(a: argparse.Namespace, count: int, layout: str):
     student = create_model(a.student, 10, a.student_width, conv=conv)
     teachers = [Teacher(teacher.apply, jax.device_put(init_variables(teacher, SHAPE, s),
                                                       replicated)) for s in range(count)]
-    step = make_distill_step(ensemble(teachers, layout), make_loss("kd", 4.0))
+    step = make_distill_step(make_ensemble(teachers, layout), make_loss("kd", 4.0))
     tx, _ = make_optimizer(Recipe(0.1, warmup_fraction=0), 10**6)
     state = jax.device_put(create_state(student, init_variables(student, SHAPE, 99), tx),
                            replicated)
@@ -104,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(a.repeats):
         for key, (run, _) in cases.items():
             seconds[key].append(run(a.steps))
+    auto = resolve_layout("auto")
     one = statistics.median(seconds[(1, "stacked")])
     rows = [{"teachers": n, "layout": layout, "images_per_second": a.batch_size / median,
              "step_ms": 1e3 * median, "relative_to_one_teacher": median / one,
@@ -113,14 +107,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{platform.processor() or platform.machine()}; teachers {a.teacher} width "
           f"{a.teacher_width}, student {a.student} width {a.student_width}, batch {a.batch_size}")
     print(f"{'teachers':>8} {'layout':>8} {'img/s':>9} {'step ms':>9} {'x 1 teacher':>12} "
-          f"{'compile s':>10}")
+          f"{'compile s':>10}  (* what auto picks on {jax.default_backend()})")
     for r in rows:
         print(f"{r['teachers']:>8} {r['layout']:>8} {r['images_per_second']:>9.1f} "
               f"{r['step_ms']:>9.1f} {r['relative_to_one_teacher']:>12.2f} "
-              f"{r['compile_seconds']:>10.1f}")
+              f"{r['compile_seconds']:>10.1f}  {'*' if r['layout'] == auto else ''}")
     if a.json:
-        a.json.write_text(json.dumps({"args": vars(a) | {"json": str(a.json)}, "rows": rows},
-                                     indent=2))
+        a.json.write_text(json.dumps({"args": vars(a) | {"json": str(a.json)}, "auto": auto,
+                                      "backend": jax.default_backend(), "rows": rows}, indent=2))
     return 0
 
 

@@ -122,7 +122,7 @@ def train(model: nn.Module, images: np.ndarray, labels: np.ndarray, *,
 
 def distill(student: nn.Module, teachers: Any, images: np.ndarray, *,
             labels: np.ndarray | None = None, temperature: float = 4.0, alpha: float = 1.0,
-            loss: str | DistillLoss = "kd", combine: str = "probs",
+            loss: str | DistillLoss = "kd", combine: str = "probs", ensemble_layout: str = "auto",
             features: str | FeatureLoss | None = None, eval_sets: EvalSets | None = None,
             recipe: Recipe = DEFAULT_RECIPE, epochs: int = 10, batch_size: int = 512,
             augmentation: Any = None, seed: int = 0, variables: dict | None = None,
@@ -137,7 +137,9 @@ def distill(student: nn.Module, teachers: Any, images: np.ndarray, *,
 
     ``teachers``: one or a list of :class:`Teacher`, ``(apply_fn, variables)`` pairs or
     workdirs. Several are an ensemble whose target is the mean of their softened
-    probabilities (``combine="probs"``, the paper's) or of their logits (``"logits"``).
+    probabilities (``combine="probs"``, the paper's) or of their logits (``"logits"``),
+    run in ``ensemble_layout`` (:data:`kd_jax.core.teachers.LAYOUTS`; ``auto``: a loop on
+    CPUs, one stacked forward per architecture elsewhere).
     ``loss``: a name in :data:`kd_jax.core.losses.LOSSES` (built at ``temperature`` with its
     paper's defaults) or a :class:`DistillLoss` from :func:`kd_jax.core.losses.make_loss`.
     With ``alpha == 1`` (the default) the run is label-free: no label is ever read, passing
@@ -160,8 +162,10 @@ def distill(student: nn.Module, teachers: Any, images: np.ndarray, *,
     run = _Run(student, images, eval_sets, recipe, epochs, batch_size, augmentation, seed,
                variables, eval_batch_size)
     ensemble = make_ensemble([Teacher(t.apply_fn, jax.tree.map(run.replicate, t.variables))
-                              for t in as_teachers(teachers)])
-    run.reference = "teacher" if ensemble.size == 1 else f"ensemble of {ensemble.size}"
+                              for t in as_teachers(teachers)], ensemble_layout)
+    if ensemble.size > 1:
+        run.reference = f"ensemble of {ensemble.size}"
+        run.notes["ensemble_layout"] = ensemble.layout
     evaluators = [DistillationEval(ClassificationEval(name, x, y, run.predict),
                                    run.ensemble_logits(ensemble, x, combine))
                   for name, x, y in run.eval_sets]
@@ -224,6 +228,7 @@ class _Run:
         self.model, self.recipe, self.epochs, self.batch_size = model, recipe, epochs, batch_size
         self.seed, self.num_train, self.eval_batch_size = seed, len(images), eval_batch_size
         self.reference = "teacher"  # what the plot's reference line is
+        self.notes: dict[str, Any] = {}  # what summary.json records of how the run ran
         self.mesh = make_mesh()
         self.preprocess = augmentation or _default_preprocessing(images)
         self.predict = make_predict(model, self.preprocess, eval_batch_size, self.mesh)
@@ -305,7 +310,7 @@ class _Run:
         report = {"params": count_params(own), "devices": self.mesh.size,
                   **({"adapter_params": count_params(adapters)} if adapters else {}),
                   "train_images": self.num_train, **history[-1],
-                  **(summary(state) if summary else {}), **timing,
+                  **(summary(state) if summary else {}), **self.notes, **timing,
                   "environment": environment()}
         run.write_summary(report)
         job, model = report.get("job", config.get("job")), report.get("model", config.get("model"))

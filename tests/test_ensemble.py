@@ -26,6 +26,8 @@ from kd_jax.core.teachers import (
     Teacher,
     ensemble_eval_logits,
     make_ensemble,
+    per_teacher,
+    resolve_layout,
     target_log_probs,
     teacher_logits,
 )
@@ -60,28 +62,54 @@ def small(width: int, seed: int):
     return model, init_variables(model, (32, 32, 3), seed)
 
 
+def convolutions(ensemble, images) -> int:
+    """How many convolutions the jaxpr of the ensemble's forward holds."""
+    jaxpr = jax.make_jaxpr(lambda v: teacher_logits(ensemble.apply_fns, ensemble.sizes, v,
+                                                    images))(ensemble.stacked)
+    return str(jaxpr).count("conv_general_dilated")
+
+
 def test_one_architecture_runs_as_one_stacked_forward():
-    """Four teachers of one architecture: one group, one vmapped forward (the jaxpr has the
-    convolutions of one network, batched), whatever their number."""
+    """Four teachers of one architecture, stacked: one group, one vmapped forward (the jaxpr
+    has the convolutions of one network, batched), whatever their number."""
     model, _ = small(4, 0)
-    four = make_ensemble([Teacher(model.apply, small(4, s)[1]) for s in range(4)])
-    one = make_ensemble([Teacher(model.apply, small(4, 0)[1])])
+    four = make_ensemble([Teacher(model.apply, small(4, s)[1]) for s in range(4)], "stacked")
+    one = make_ensemble([Teacher(model.apply, small(4, 0)[1])], "stacked")
     assert four.sizes == (4,) and four.order == ((0, 0), (0, 1), (0, 2), (0, 3))
     images = jnp.zeros((2, 32, 32, 3))
-
-    def convolutions(ensemble):
-        jaxpr = jax.make_jaxpr(lambda v: teacher_logits(ensemble.apply_fns, ensemble.sizes, v,
-                                                        images))(ensemble.stacked)
-        return str(jaxpr).count("conv_general_dilated")
-
-    assert convolutions(four) == convolutions(one) > 0
+    assert convolutions(four, images) == convolutions(one, images) > 0
     mixed = make_ensemble([Teacher(model.apply, small(4, 0)[1]),
                            Teacher(small(8, 1)[0].apply, small(8, 1)[1]),
-                           Teacher(model.apply, small(4, 2)[1])])
+                           Teacher(model.apply, small(4, 2)[1])], "stacked")
     assert mixed.sizes == (2, 1) and mixed.order == ((0, 0), (1, 0), (0, 1))
 
 
-def test_duplicated_teachers_distill_the_same_student_as_one():
+def test_the_loop_layout_runs_each_teacher_and_gives_the_stacked_target():
+    """The loop (auto's choice on CPUs) runs the four forwards one after the other: four
+    networks' convolutions in the jaxpr, and the same logits per teacher as the stacked run."""
+    model, _ = small(4, 0)
+    teachers = [Teacher(model.apply, small(4, s)[1]) for s in range(4)]
+    loop, stacked = make_ensemble(teachers, "loop"), make_ensemble(teachers, "stacked")
+    assert (loop.sizes, loop.layout) == ((1, 1, 1, 1), "loop")
+    assert make_ensemble(teachers).layout == resolve_layout("auto", "cpu") == "loop"
+    images = jnp.asarray(np.random.default_rng(1).normal(0, 1, (4, 32, 32, 3)), jnp.float32)
+    assert convolutions(loop, images) == 4 * convolutions(stacked, images)
+    logits = lambda e: per_teacher(e, teacher_logits(e.apply_fns, e.sizes, e.stacked, images))
+    for a, b in zip(logits(loop), logits(stacked), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_auto_stacks_on_accelerators_and_a_bad_layout_is_one_line():
+    assert [resolve_layout("auto", b) for b in ("cpu", "gpu", "tpu")] == ["loop", "stacked",
+                                                                         "stacked"]
+    assert resolve_layout("stacked", "cpu") == "stacked"
+    with pytest.raises(KdError) as error:
+        resolve_layout("vmap")
+    assert str(error.value) == "ensemble layout must be one of auto, stacked, loop, got 'vmap'"
+
+
+@pytest.mark.parametrize("layout", ["stacked", "loop"])
+def test_duplicated_teachers_distill_the_same_student_as_one(layout):
     """Two copies of a teacher are that teacher: the ensemble's target equals its own."""
     teacher, variables = small(8, 3)
     student, start = small(4, 4)
@@ -91,7 +119,7 @@ def test_duplicated_teachers_distill_the_same_student_as_one():
     def train(teachers):
         step = jax.jit(lambda step, state, rng: step(state, images, rng))
         state = create_state(student, start, tx)
-        distill = make_distill_step(make_ensemble(teachers), make_loss("kd", 4.0))
+        distill = make_distill_step(make_ensemble(teachers, layout), make_loss("kd", 4.0))
         for i in range(5):
             state, _ = step(distill, state, jax.random.key(i))
         return jax.tree.leaves(state.params)
@@ -136,6 +164,7 @@ def test_teachers_of_different_widths_in_one_run(teachers, tmp_path):
                      for teacher in map(kd_jax.Teacher.from_workdir, runs)], axis=0)
     assert summary["teacher_test_accuracy"] == np.mean(probs.argmax(-1) == dataset.test_labels)
     assert "agreement" in summary
+    assert summary["ensemble_layout"] == "loop"  # auto, on the CPU
 
 
 def test_a_multi_teacher_student_never_sees_a_label(teachers, tmp_path):

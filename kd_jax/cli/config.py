@@ -18,7 +18,7 @@ from kd_jax.core.augment import PAD_MODES, TTA_MODES
 from kd_jax.core.features import FEATURE_LOSSES, FeatureLoss, make_feature_loss
 from kd_jax.core.losses import LOSSES, DistillLoss, make_loss
 from kd_jax.core.optim import LR_SCHEDULES
-from kd_jax.core.teachers import COMBINE
+from kd_jax.core.teachers import COMBINE, LAYOUTS
 from kd_jax.errors import KdError
 
 
@@ -163,6 +163,9 @@ class DistillConfig(RunConfig):
     teachers: list[str] | None = dataclasses.field(default=None,
                                                    metadata={"flag": "--teacher-dir"})
     combine: str = "probs"  # an ensemble's target: the mean of probabilities, or of logits
+    # How an ensemble's teachers run: stacked (one vmapped forward per architecture), loop (one
+    # after the other) or auto (the loop on CPUs, where it is measured faster; else stacked).
+    ensemble_layout: str = "auto"
     teacher_model: str | None = None  # if set, refuse a teacher of another architecture
     teacher_width: int | None = None  # if set, refuse a teacher of another width
     # The distillation loss (kd_jax.core.losses.LOSSES): kd (Hinton et al. 2015), dkd (Zhao et
@@ -203,6 +206,9 @@ class DistillConfig(RunConfig):
             raise KdError(f"holdout must be >= 1, got {self.holdout}")
         if self.omit_class and self.transfer_classes:
             raise KdError("--omit-class and --transfer-classes exclude each other")
+        if self.ensemble_layout not in LAYOUTS:
+            raise KdError(f"ensemble_layout must be one of {', '.join(LAYOUTS)}, "
+                          f"got {self.ensemble_layout!r}")
         if self.combine not in COMBINE:
             raise KdError(f"combine must be {' or '.join(COMBINE)}, got {self.combine!r}")
         for f in dataclasses.fields(self):

@@ -319,6 +319,7 @@ def distill(config: DistillConfig, hooks: Sequence[Hook] = ()) -> dict:
     with job.open_run(len(transfer)):
         _, history = api.distill(student, teachers, images, labels=labels, loss=loss,
                                  alpha=config.alpha, combine=config.combine,
+                                 ensemble_layout=config.ensemble_layout,
                                  features=config.feature_method(),
                                  **job.settings(student, images, hooks, figures))
         return job.finish(history, ["distill_loss", "test_accuracy", "agreement", "test_kl",
