@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session, time-boxed (issue 17): screen the recipe levers at full size on a validation
 # split, one seed each, then reproduce the pick (seed 0 alone, for clean timings), seeds 1 and 2
-# side by side, then the throughput benchmark, each stage only if time is left. The small logs
+# side by side, then the throughput benchmark and the ensemble layouts' step cost (issue 19),
+# each stage only if time is left. The small logs
 # are packed into OUT_DIR/results.tgz after every stage, so a session cut short still brings back
 # what it did.
 #
@@ -114,5 +115,17 @@ if [ "$(left)" -gt 60 ]; then
   pack
 else
   log "no time left for the throughput benchmark"
+fi
+if [ "$(left)" -gt 45 ]; then
+  # Issue 19: which ensemble layout pays on the GPU (auto stacks there; the CPU loops).
+  ENS=(--teacher-width 64 --student-width 32 --batch-size 512 --steps 5)
+  [ -n "${SMOKE:-}" ] && ENS=(--teacher resnet8 --teacher-width 4 --student resnet8 \
+      --student-width 2 --batch-size 32 --teachers 1,2 --steps 1 --repeats 1)
+  log "ensemble step: stacked vs loop"
+  timeout "$(left)" python benchmarks/ensemble_step.py "${ENS[@]}" \
+      --json "$WORK/ensemble_step.json" 2>&1 | tee "$WORK/ensemble_step.log"
+  pack
+else
+  log "no time left for the ensemble step"
 fi
 log "done: $OUT/results.tgz"

@@ -101,6 +101,17 @@ class Exploit:
         return os.system, (f"touch {self.target}",)
 
 
+def finite_differences(f: Callable, x: np.ndarray, h: float = 1e-5) -> np.ndarray:
+    """Central differences of a float64 numpy function: the gradient to check jax.grad with."""
+    grad = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        up, down = x.copy(), x.copy()
+        up[i] += h
+        down[i] -= h
+        grad[i] = (f(up) - f(down)) / (2 * h)
+    return grad
+
+
 def softmax(z: np.ndarray) -> np.ndarray:
     e = np.exp(z - z.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _helpers import CrashAfterCheckpoint
+from _helpers import CrashAfterCheckpoint, finite_differences
 
 import kd_jax
 from kd_jax.cli.config import DistillConfig
@@ -63,16 +63,6 @@ def paper_hint_loss(student: np.ndarray, hint: np.ndarray, kernel: np.ndarray,
     return float(np.mean((np.maximum(out, 0) - hint) ** 2))
 
 
-def numeric_grad(f, x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
-    grad = np.zeros_like(x)
-    for index in np.ndindex(x.shape):
-        up, down = x.copy(), x.copy()
-        up[index] += eps
-        down[index] -= eps
-        grad[index] = (f(up) - f(down)) / (2 * eps)
-    return grad
-
-
 @pytest.mark.parametrize("p", [1.0, 2.0, 3.0])
 def test_attention_transfer_matches_the_paper_in_value_and_gradient(p):
     student = [rng.normal(size=(3, 4, 4, 5)), rng.normal(size=(3, 2, 2, 7))]
@@ -83,7 +73,8 @@ def test_attention_transfer_matches_the_paper_in_value_and_gradient(p):
 
     grad = jax.grad(lambda s0: attention_loss([s0, jnp.asarray(student[1])],
                                               [jnp.asarray(t) for t in teacher], p))
-    expected = numeric_grad(lambda s0: paper_at_loss([s0, student[1]], teacher, p), student[0])
+    expected = finite_differences(lambda s0: paper_at_loss([s0, student[1]], teacher, p),
+                                  student[0])
     np.testing.assert_allclose(np.asarray(grad(jnp.asarray(student[0], jnp.float32))),
                                expected, rtol=2e-3, atol=1e-6)
 
@@ -119,11 +110,11 @@ def test_fitnets_hint_matches_the_paper_in_value_and_gradient():
     by_student, by_kernel = jax.grad(ours, argnums=(0, 1))(as32(student), as32(kernel))
     np.testing.assert_allclose(
         np.asarray(by_student),
-        numeric_grad(lambda s: paper_hint_loss(s, hint, kernel, bias), student),
+        finite_differences(lambda s: paper_hint_loss(s, hint, kernel, bias), student),
         rtol=2e-3, atol=1e-6)
     np.testing.assert_allclose(
         np.asarray(by_kernel),
-        numeric_grad(lambda k: paper_hint_loss(student, hint, k, bias), kernel),
+        finite_differences(lambda k: paper_hint_loss(student, hint, k, bias), kernel),
         rtol=2e-3, atol=1e-6)
     # The weight multiplies; the hint of a perfect regression is free.
     heavy = make_feature_loss("fitnets", weight=100.0, hint_stage=0)

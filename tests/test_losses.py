@@ -2,7 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _helpers import softmax
+from _helpers import finite_differences, softmax
 
 from kd_jax.core.losses import (
     cross_entropy,
@@ -138,17 +138,6 @@ def numpy_dist(student, teacher, t, beta=1.0, gamma=1.0):
 def numpy_standardize(z):
     """Sun et al. (2024): (z - mean(z)) / std(z) per row, std over the K classes (1/K)."""
     return (z - z.mean(-1, keepdims=True)) / z.std(-1, keepdims=True)
-
-
-def finite_differences(f, x, h=1e-5):
-    """Central differences of a float64 numpy function: the gradient to check jax.grad with."""
-    grad = np.zeros_like(x)
-    for i in np.ndindex(x.shape):
-        up, down = x.copy(), x.copy()
-        up[i] += h
-        down[i] -= h
-        grad[i] = (f(up) - f(down)) / (2 * h)
-    return grad
 
 
 def batch(seed, n=16, classes=10, scale=3.0):
