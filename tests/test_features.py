@@ -222,7 +222,8 @@ def test_a_label_free_feature_step_takes_no_labels(teacher):
 
     state = create_state(student, variables, optax.sgd(0.1))
     images = jnp.asarray(IMAGES[:16], jnp.float32) / 255
-    _, metrics = step(state, images, jax.random.key(0))
+    _, metrics = jax.jit(lambda step, state, images: step(state, images, jax.random.key(0)))(
+        step, state, images)
     assert np.isfinite(float(metrics["distill_loss"]))
     with pytest.raises(TypeError):
         step(state, images, jnp.asarray(LABELS[:16]), jax.random.key(0))
@@ -298,18 +299,18 @@ def test_cli_distills_with_fitnets_and_ships_the_student_alone(tmp_path):
     from kd_jax.cli.jobs import distill
     from kd_jax.cli.main import main
 
-    teacher = make_run(tmp_path / "teacher")  # resnet8, width 4
+    teacher = make_run(tmp_path / "teacher", model="mlp1", width=8)
     data_dir = write_cifar_binary(tmp_path / "cifar", per_batch=16, test=16,
                                   records=random_cifar_records)
     argv = ["--data-dir", data_dir, "--teacher-dir", teacher, "--workdir", tmp_path / "student",
-            "--student", "resnet8", "--student-width", "2", "--feature-loss", "fitnets",
-            "--feature-weight", "10", "--epochs", "1", "--batch-size", "16",
-            "--eval-batch-size", "16", "--no-progress"]
+            "--student", "mlp1", "--student-width", "4", "--feature-loss", "fitnets",
+            "--feature-weight", "10", "--fitnets-hint-stage", "0", "--epochs", "1",
+            "--batch-size", "16", "--eval-batch-size", "16", "--no-progress"]
     assert main(DistillConfig, distill, "", [str(a) for a in argv]) == 0
     summary = json.loads((tmp_path / "student" / "summary.json").read_text())
     config = json.loads((tmp_path / "student" / "config.json").read_text())
     assert (config["feature_loss"], config["feature_weight"]) == ("fitnets", 10.0)
-    assert summary["adapter_params"] == 4 * 8 + 8  # stage 1: 16x16, 4 -> 8 channels, 1x1
+    assert summary["adapter_params"] == 4 * 8 + 8  # a dense layer from 4 hidden units to 8
     frozen = load_frozen(tmp_path / "student")
     assert ADAPTERS not in frozen.variables["params"]
     assert summary["params"] == count_params(frozen.variables["params"])
