@@ -12,7 +12,8 @@ busy the machine is; the epoch times of these runs are not speed measurements.
 A sweep file is a JSON object: ``{"common": {"teacher": [...], "distill": [...]},
 "runs": {"NAME": {"job": "teacher" | "distill", "flags": [...], "teacher": "NAME"}}}``; a
 distill run names the run (or a list of runs: an ensemble) whose workdir is its teacher, and
-waits for them to finish. Sweeps of this project: ``benchmarks/sweeps/``.
+waits for them to finish. Sweeps of this project: ``benchmarks/sweeps/`` and, beside the
+logs they made, ``docs/results/*/sweep.json``.
 """
 
 from __future__ import annotations
@@ -66,8 +67,12 @@ def finished(out: Path, name: str) -> bool:
     return (out / name / "summary.json").is_file()
 
 
-def run_all(sweep: dict, out: Path, data_dir: str, cores: list[int]) -> None:
-    """Start each unfinished run on a free core once its teacher (if any) has finished."""
+def run_all(sweep: dict, out: Path, data_dir: str, cores: list[int],
+            poll_seconds: float = 5.0) -> None:
+    """Start each unfinished run on a free core once its teacher (if any) has finished.
+
+    Runs start in the sweep file's order; the one that fails is reported and the sweep goes
+    on with the runs that do not need it."""
     out.mkdir(parents=True, exist_ok=True)
     waiting = [n for n in sweep["runs"] if not finished(out, n)]
     busy: dict[int, tuple[str, subprocess.Popen]] = {}
@@ -92,7 +97,7 @@ def run_all(sweep: dict, out: Path, data_dir: str, cores: list[int]) -> None:
             print(f"{time.strftime('%H:%M:%S')} {name}: started on core {core}", flush=True)
         if waiting and not ready and not busy:
             raise SystemExit(f"cannot start {waiting}: their teachers failed")
-        time.sleep(5)
+        time.sleep(poll_seconds)
 
 
 COLUMNS = [("val_accuracy", "val acc."), ("val_accuracy_tta", "val TTA"),
