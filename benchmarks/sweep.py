@@ -8,6 +8,7 @@ busy the machine is; the epoch times of these runs are not speed measurements.
 
     python benchmarks/sweep.py run SWEEP.json --out runs/ablation --data-dir DATA
     python benchmarks/sweep.py table SWEEP.json --out runs/ablation
+    python benchmarks/sweep.py plot SWEEP.json --out runs/ablation --png curves.png
 
 A sweep file is a JSON object: ``{"common": {"teacher": [...], "distill": [...]},
 "runs": {"NAME": {"job": "teacher" | "distill", "flags": [...], "teacher": "NAME"}}}``; a
@@ -19,6 +20,7 @@ logs they made, ``docs/results/*/sweep.json``.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import subprocess
@@ -120,20 +122,58 @@ def table(sweep: dict, out: Path) -> str:
     return "\n".join([header, rule, *rows])
 
 
+def plot(sweep: dict, out: Path, runs: list[str] | None = None) -> bytes:
+    """A PNG of validation (else test) and training accuracy against epoch for the finished
+    ``runs`` (default: all): where the curves part tells more than the last row does."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = runs or [n for n in sweep["runs"] if finished(out, n)]
+    fig, (held_out, training) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    if len(names) > 10:  # past the default cycle's 10 colours
+        for ax in (held_out, training):
+            ax.set_prop_cycle(color=plt.cm.tab20.colors)
+    for name in names:
+        rows = [json.loads(line) for line in (out / name / "metrics.jsonl").open()]
+        key = "val_accuracy" if "val_accuracy" in rows[0] else "test_accuracy"
+        epochs = [row["epoch"] for row in rows]
+        line, = held_out.plot(epochs, [100 * row[key] for row in rows], marker=".", label=name)
+        if "train_accuracy" in rows[0]:
+            training.plot(epochs, [100 * row["train_accuracy"] for row in rows], marker=".",
+                          color=line.get_color(), label=name)
+    held_out.set(xlabel="epoch", ylabel="accuracy (%)", title="validation (else test) accuracy")
+    training.set(xlabel="epoch", title="accuracy on its own training batches")
+    for ax in (held_out, training):
+        ax.grid(alpha=0.3)
+    training.legend(fontsize="small", loc="lower right")  # training curves only rise
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("action", choices=["run", "table"])
+    parser.add_argument("action", choices=["run", "table", "plot"])
     parser.add_argument("sweep", type=Path)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--data-dir", default=os.environ.get("KD_JAX_DATA_DIR", ""))
     parser.add_argument("--cores", default=",".join(map(str, all_cores())),
                         help="comma list of cores, one run on each (default: all)")
+    parser.add_argument("--png", type=Path, help="plot: the file to write")
+    parser.add_argument("--runs", help="plot: comma list of the runs to draw (default: all)")
     a = parser.parse_args()
     sweep = load_sweep(a.sweep)
     if a.action == "run":
         run_all(sweep, a.out, a.data_dir, [int(c) for c in a.cores.split(",")])
-    else:
+    elif a.action == "table":
         print(table(sweep, a.out))
+    else:
+        if a.png is None:
+            parser.error("plot needs --png FILE")
+        a.png.write_bytes(plot(sweep, a.out, a.runs.split(",") if a.runs else None))
 
 
 if __name__ == "__main__":

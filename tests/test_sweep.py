@@ -97,3 +97,16 @@ def test_table_lists_finished_runs_in_file_order_as_percentages(tmp_path):
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
         "| base | `(defaults)` | 83.54 % |  | 82.48 % |  |  |  |",
         "| kd | `--temperature 4` |  |  | 75.00 % |  |  | 81.11 % |"]
+
+
+def test_plot_draws_the_finished_runs_curves(tmp_path):
+    pytest.importorskip("matplotlib")
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        rows = [{"epoch": e, "val_accuracy": 0.1 * e, "train_accuracy": 0.1 * e} for e in (1, 2)]
+        (tmp_path / name / "metrics.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n")
+        (tmp_path / name / "summary.json").write_text("{}")
+    runs = {name: {"job": "teacher", "flags": []} for name in ("a", "b", "unfinished")}
+    assert sweep.plot({"runs": runs}, tmp_path).startswith(b"\x89PNG\r\n\x1a\n")
+    with pytest.raises(FileNotFoundError, match="unfinished"):
+        sweep.plot({"runs": runs}, tmp_path, ["a", "unfinished"])
