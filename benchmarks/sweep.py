@@ -147,7 +147,9 @@ def plot(sweep: dict, out: Path, runs: list[str] | None = None) -> bytes:
     training.set(xlabel="epoch", title="accuracy on its own training batches")
     for ax in (held_out, training):
         ax.grid(alpha=0.3)
-    training.legend(fontsize="small", loc="lower right")  # training curves only rise
+    # Every run has a held-out line (a student may have no training one); the training
+    # panel's lower right is free, its curves only rise.
+    training.legend(*held_out.get_legend_handles_labels(), fontsize="small", loc="lower right")
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
