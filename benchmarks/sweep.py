@@ -69,6 +69,11 @@ def finished(out: Path, name: str) -> bool:
     return (out / name / "summary.json").is_file()
 
 
+def finished_runs(sweep: dict, out: Path) -> list[str]:
+    """The names of the runs with a summary, in the sweep file's order."""
+    return [name for name in sweep["runs"] if finished(out, name)]
+
+
 def run_all(sweep: dict, out: Path, data_dir: str, cores: list[int],
             poll_seconds: float = 5.0) -> None:
     """Start each unfinished run on a free core once its teacher (if any) has finished.
@@ -110,9 +115,8 @@ COLUMNS = [("val_accuracy", "val acc."), ("val_accuracy_tta", "val TTA"),
 def table(sweep: dict, out: Path) -> str:
     """A markdown table of every finished run's last-epoch figures."""
     rows = []
-    for name, run in sweep["runs"].items():
-        if not finished(out, name):
-            continue
+    for name in finished_runs(sweep, out):
+        run = sweep["runs"][name]
         summary = json.loads((out / name / "summary.json").read_text())
         cells = [f"{100 * summary[key]:.2f} %" if key in summary else "" for key, _ in COLUMNS]
         rows.append(f"| {name} | `{' '.join(run['flags']) or '(defaults)'}` | "
@@ -130,7 +134,7 @@ def plot(sweep: dict, out: Path, runs: list[str] | None = None) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = runs or [n for n in sweep["runs"] if finished(out, n)]
+    names = runs or finished_runs(sweep, out)
     fig, (held_out, training) = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     if len(names) > 10:  # past the default cycle's 10 colours
         for ax in (held_out, training):
