@@ -47,8 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from kd_jax import quantize
-from kd_jax.cli.runtime import cpu_cores
 from kd_jax.core import metrics
+from kd_jax.core.devices import cpu_cores
 from kd_jax.core.models import count_params
 from kd_jax.core.rundir import format_table
 from kd_jax.errors import KdError, run_guarded

@@ -19,18 +19,12 @@ import os
 import sys
 from collections.abc import MutableMapping
 
+from kd_jax.core.devices import cpu_cores
+
 # Plugins that give jax an accelerator backend (CUDA, ROCm, TPU).
 _ACCELERATOR_MODULES = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin",
                         "jax_rocm7_plugin", "libtpu")
 MAX_CPU_DEVICES = 8  # keeps batch sizes like 1000 (the default eval batch) divisible
-
-
-def cpu_cores() -> int:
-    """Cores this process may run on (the affinity mask, not the machine's total)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def cpu_flags(cores: int) -> list[str]:
