@@ -218,7 +218,8 @@ class Applied:
 
 class _Run:
     """What :func:`train` and :func:`distill` set up alike: the mesh, the preprocessing, the
-    eval sets on the device, the initial state and its optimizer."""
+    eval sets on the device, the initial variables and the optimizer; :meth:`fit` builds the
+    train state from them, once every trainable parameter (adapters included) is known."""
 
     def __init__(self, model: nn.Module, images: np.ndarray, eval_sets: EvalSets | None,
                  recipe: Recipe, epochs: int, batch_size: int, augmentation: Any, seed: int,
@@ -242,7 +243,6 @@ class _Run:
             variables = jax.jit(lambda key: model.init(key, self.sample, train=False))(
                 jax.random.key(seed))
         self.variables = variables
-        self.state = create_state(model, variables, self.tx, recipe.ema_decay)
 
     def add_adapters(self, features: FeatureLoss, teacher_apply: Callable,
                      teacher_variables: dict) -> None:
@@ -251,8 +251,7 @@ class _Run:
         student = stage_shapes(self.model.apply, self.variables, self.sample, "student")
         teacher = stage_shapes(teacher_apply, teacher_variables, self.sample, "teacher")
         adapters = init_adapters(features, student, teacher, self.seed)
-        self.state = create_state(self.model, with_adapters(self.variables, adapters), self.tx,
-                                  self.recipe.ema_decay)
+        self.variables = with_adapters(self.variables, adapters)
 
     def replicate(self, array: Any) -> jax.Array:
         return jax.device_put(array, NamedSharding(self.mesh, P()))
@@ -279,6 +278,7 @@ class _Run:
     def fit(self, step: Any, arrays: tuple, evaluators: list, workdir: Any, config: dict,
             resume: bool, overwrite: bool, every: int, hooks: Sequence[Hook], progress: bool,
             steps_per_dispatch: int, summary: Callable | None) -> tuple[TrainState, History]:
+        initial = create_state(self.model, self.variables, self.tx, self.recipe.ema_decay)
         with _opened(workdir, config, resume, overwrite) as run:
             best = "val_accuracy" if any(name == "val" for name, _, _ in self.eval_sets) else None
             all_hooks = [*hooks]
@@ -287,7 +287,7 @@ class _Run:
                                            read_history=run.read_metrics, best_metric=best),
                               MetricsWriter(run)]
             all_hooks += [Progress()] if progress else []
-            trainer = Trainer(step, self.state, arrays, epochs=self.epochs,
+            trainer = Trainer(step, initial, arrays, epochs=self.epochs,
                               batch_size=self.batch_size, seed=self.seed,
                               preprocess=self.preprocess, mesh=self.mesh, evaluators=evaluators,
                               hooks=[*all_hooks, StopOnSignal()], schedule=self.schedule,
