@@ -175,14 +175,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cache_env(folder: Path) -> dict:
-    """Environment for subprocess runs sharing a persistent XLA compilation cache: the first
-    run compiles (~15 s here), the rest load the programs (~1 s)."""
-    return {"JAX_COMPILATION_CACHE_DIR": str(folder),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-
-
 # --------------------------------------------------------------------------- run files
 TIMING_FIELDS = {"images_per_second", "epoch_seconds", "eval_seconds"}
 

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 from _helpers import (
     Exploit,
-    cache_env,
     random_cifar_records,
     run_cli,
     snapshot,
@@ -261,8 +260,7 @@ def test_batch_size_not_divisible_by_devices(tmp_path, data_dir):
     result = run_cli("train_teacher.py", "--data-dir", str(data_dir), "--workdir",
                      str(tmp_path / "run"), "--model", "resnet8", "--width", "4",
                      "--batch-size", "15", "--epochs", "1",
-                     env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-                          **cache_env(tmp_path / "xla")})
+                     env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
     assert (result.returncode, result.stderr) == (
         2, "error: batch_size 15 is not divisible by the 2 devices in use\n")
     assert not (tmp_path / "run").exists()

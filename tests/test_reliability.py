@@ -24,7 +24,6 @@ import flax.linen as nn
 import numpy as np
 import pytest
 from _helpers import (
-    cache_env,
     metrics_rows,
     params_bytes,
     random_cifar_records,
@@ -47,11 +46,6 @@ STEPS_PER_EPOCH = 10
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    return cache_env(tmp_path_factory.getbasetemp() / "xla-cache")  # shared by test modules
-
-
-@pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return write_cifar_binary(tmp_path_factory.mktemp("cifar"), per_batch=64, test=64,
                               records=random_cifar_records)
@@ -69,10 +63,10 @@ def ok(result):
 
 
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory, data_dir, env):
+def baseline(tmp_path_factory, data_dir):
     """The uninterrupted run every interrupted one must reproduce."""
     workdir = tmp_path_factory.mktemp("baseline") / "run"
-    ok(run_cli("train_teacher.py", *teacher_args(data_dir, workdir), env=env))
+    ok(run_cli("train_teacher.py", *teacher_args(data_dir, workdir)))
     return workdir
 
 
@@ -97,38 +91,38 @@ KILLS = [
 
 
 @pytest.mark.parametrize(("fault", "every"), KILLS)
-def test_kill_then_resume_is_bit_identical(tmp_path, data_dir, env, baseline, fault, every):
+def test_kill_then_resume_is_bit_identical(tmp_path, data_dir, baseline, fault, every):
     workdir = tmp_path / "run"
     args = teacher_args(data_dir, workdir, "--checkpoint-every-steps", str(every))
-    killed = run_cli("train_teacher.py", *args, env={**env, "KD_JAX_FAULT": fault})
+    killed = run_cli("train_teacher.py", *args, env={"KD_JAX_FAULT": fault})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     # The killed run's lock file is left behind, naming a dead process: it is no lock.
     assert (workdir / "run.lock").is_file()
-    ok(run_cli("train_teacher.py", *args, "--resume", env=env))
+    ok(run_cli("train_teacher.py", *args, "--resume"))
     assert not (workdir / "run.lock").exists()  # let go at the end
     assert_same_run(workdir, baseline)
 
 
-def test_killed_twice_then_resumed_is_bit_identical(tmp_path, data_dir, env, baseline):
+def test_killed_twice_then_resumed_is_bit_identical(tmp_path, data_dir, baseline):
     workdir = tmp_path / "run"
     args = teacher_args(data_dir, workdir, "--checkpoint-every-steps", "3")
     # Killed mid-epoch 1, then (resumed) after evaluating epoch 1, before its row is written.
     for fault in ("kill@step:8", "kill@eval:1"):
-        killed = run_cli("train_teacher.py", *args, "--resume", env={**env, "KD_JAX_FAULT": fault})
+        killed = run_cli("train_teacher.py", *args, "--resume", env={"KD_JAX_FAULT": fault})
         assert killed.returncode == -signal.SIGKILL, killed.stderr
-    ok(run_cli("train_teacher.py", *args, "--resume", env=env))
+    ok(run_cli("train_teacher.py", *args, "--resume"))
     assert_same_run(workdir, baseline)
 
 
 @pytest.mark.parametrize(("action", "signum"), [("term", signal.SIGTERM),
                                                ("int", signal.SIGINT)])
-def test_signal_checkpoints_mid_epoch_and_resume_is_bit_identical(tmp_path, data_dir, env,
+def test_signal_checkpoints_mid_epoch_and_resume_is_bit_identical(tmp_path, data_dir,
                                                                   baseline, action, signum):
     """Preemption (SIGTERM) and Ctrl-C (SIGINT): stop after the step, checkpoint, say how to
     resume, exit 128 + signal."""
     workdir = tmp_path / "run"
     args = teacher_args(data_dir, workdir)
-    stopped = run_cli("train_teacher.py", *args, env={**env, "KD_JAX_FAULT": f"{action}@step:6"})
+    stopped = run_cli("train_teacher.py", *args, env={"KD_JAX_FAULT": f"{action}@step:6"})
     assert stopped.returncode == 128 + signum
     name = signal.Signals(signum).name
     assert stopped.stderr.strip().splitlines()[-2:] == [
@@ -138,16 +132,16 @@ def test_signal_checkpoints_mid_epoch_and_resume_is_bit_identical(tmp_path, data
         f"{workdir / 'checkpoints' / 'latest' / '6'}; rerun the same command with --resume to "
         "continue"]
     assert sorted(p.name for p in (workdir / "checkpoints" / "latest").iterdir()) == ["6"]
-    resumed = ok(run_cli("train_teacher.py", *args, "--resume", env=env))
+    resumed = ok(run_cli("train_teacher.py", *args, "--resume"))
     assert resumed.stdout.startswith("resuming from step 6 ")
     assert_same_run(workdir, baseline)
 
 
-def test_injected_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir, env):
+def test_injected_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
     workdir = tmp_path / "run"
     # Params poisoned after step 13: step 14's loss is the first non-finite one.
     result = run_cli("train_teacher.py", *teacher_args(data_dir, workdir),
-                     env={**env, "KD_JAX_FAULT": "nan@step:13"})
+                     env={"KD_JAX_FAULT": "nan@step:13"})
     assert result.returncode == 2
     assert result.stderr.strip() == (
         f"error: non-finite train_loss at step 14; stopped, the last good checkpoint is kept "
@@ -158,14 +152,14 @@ def test_injected_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_di
 
 
 @pytest.mark.parametrize(("fault", "every"), [("nan@step:4", 4), ("nan@step:10", 0)])
-def test_nan_weights_are_never_checkpointed(tmp_path, data_dir, env, fault, every):
+def test_nan_weights_are_never_checkpointed(tmp_path, data_dir, fault, every):
     """Weights gone NaN at a step whose own loss was finite, right before a checkpoint (mid-epoch
     or at the epoch's end): the run stops before writing it, or a metrics row."""
     workdir = tmp_path / "run"
     step = fault.rsplit(":", 1)[1]
     result = run_cli("train_teacher.py",
                      *teacher_args(data_dir, workdir, "--checkpoint-every-steps", str(every)),
-                     env={**env, "KD_JAX_FAULT": fault})
+                     env={"KD_JAX_FAULT": fault})
     assert (result.returncode, result.stderr.strip()) == (2, (
         f"error: non-finite weights after step {step}; stopped, the last good checkpoint is "
         f"kept in {workdir / 'checkpoints'}"))
@@ -173,7 +167,7 @@ def test_nan_weights_are_never_checkpointed(tmp_path, data_dir, env, fault, ever
     assert metrics_rows(workdir) == []
 
 
-def test_distill_kill_then_resume_is_bit_identical(tmp_path, data_dir, env, baseline):
+def test_distill_kill_then_resume_is_bit_identical(tmp_path, data_dir, baseline):
     teacher = tmp_path / "teacher"
     shutil.copytree(baseline, teacher)
     before = snapshot(teacher)
@@ -183,25 +177,25 @@ def test_distill_kill_then_resume_is_bit_identical(tmp_path, data_dir, env, base
                             "--student-width", "4", "--batch-size", "32",
                             "--eval-batch-size", "64", "--epochs", "2", "--no-progress",
                             "--checkpoint-every-steps", "5"]
-    ok(run_cli("distill.py", *args(runs["straight"]), env=env))
+    ok(run_cli("distill.py", *args(runs["straight"])))
     killed = run_cli("distill.py", *args(runs["killed"]),
-                     env={**env, "KD_JAX_FAULT": "kill@step:14"})
+                     env={"KD_JAX_FAULT": "kill@step:14"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    ok(run_cli("distill.py", *args(runs["killed"]), "--resume", env=env))
+    ok(run_cli("distill.py", *args(runs["killed"]), "--resume"))
     assert_same_run(runs["killed"], runs["straight"])
     assert snapshot(teacher) == before
 
 
-def test_scanned_dispatches_sigterm_then_resume_is_bit_identical(tmp_path, data_dir, env):
+def test_scanned_dispatches_sigterm_then_resume_is_bit_identical(tmp_path, data_dir):
     """The accelerators' path: 3 steps per dispatch in a scan (10 = 3 + 3 + 3 + 1 padded)."""
     args = lambda workdir: teacher_args(data_dir, workdir, "--steps-per-dispatch", "3",
                                         "--checkpoint-every-steps", "4")
-    ok(run_cli("train_teacher.py", *args(tmp_path / "straight"), env=env))
+    ok(run_cli("train_teacher.py", *args(tmp_path / "straight")))
     stopped = run_cli("train_teacher.py", *args(tmp_path / "stopped"),
-                      env={**env, "KD_JAX_FAULT": "term@step:2"})
+                      env={"KD_JAX_FAULT": "term@step:2"})
     assert stopped.returncode == 128 + signal.SIGTERM
     assert "stopped by SIGTERM at step 6;" in stopped.stderr
-    ok(run_cli("train_teacher.py", *args(tmp_path / "stopped"), "--resume", env=env))
+    ok(run_cli("train_teacher.py", *args(tmp_path / "stopped"), "--resume"))
     assert_same_run(tmp_path / "stopped", tmp_path / "straight")
 
 
@@ -216,13 +210,13 @@ def wait_until_stopped(process: subprocess.Popen, timeout: float = 300) -> None:
         time.sleep(0.05)
 
 
-def test_second_run_of_a_live_workdir_is_refused(tmp_path, data_dir, env, baseline, capsys):
+def test_second_run_of_a_live_workdir_is_refused(tmp_path, data_dir, baseline, capsys):
     """A run frozen mid-epoch 2 still holds its workdir: a --resume (another process) and an
     --overwrite (this one) are refused at once, touching nothing; the first then finishes as if
     alone."""
     workdir = tmp_path / "run"
     args = teacher_args(data_dir, workdir)
-    first = start_cli("train_teacher.py", *args, env={**env, "KD_JAX_FAULT": "stop@step:13"})
+    first = start_cli("train_teacher.py", *args, env={"KD_JAX_FAULT": "stop@step:13"})
     try:
         wait_until_stopped(first)
         holder = json.loads((workdir / "run.lock").read_text())
@@ -231,7 +225,7 @@ def test_second_run_of_a_live_workdir_is_refused(tmp_path, data_dir, env, baseli
                    f"{holder['host']}, started {holder['started']}); wait for it to end or use "
                    "another workdir\n")
         before = snapshot(workdir)
-        second = run_cli("train_teacher.py", *args, "--resume", env=env)
+        second = run_cli("train_teacher.py", *args, "--resume")
         assert (second.returncode, second.stderr) == (2, refusal)
         assert main(TeacherConfig, train_teacher, "", [*args, "--overwrite"]) == 2
         assert capsys.readouterr().err == refusal
@@ -347,44 +341,44 @@ FULL_DISK = [
 
 
 @pytest.mark.parametrize(("fault", "failed", "intact"), FULL_DISK)
-def test_full_disk_stops_in_one_line_and_resumes_once_freed(small_disk, data_dir, env, baseline,
+def test_full_disk_stops_in_one_line_and_resumes_once_freed(small_disk, data_dir, baseline,
                                                             fault, failed, intact):
     workdir = small_disk / "run"
     args = teacher_args(data_dir, workdir)
-    result = run_cli("train_teacher.py", *args, env={**env, "KD_JAX_FAULT": fault})
+    result = run_cli("train_teacher.py", *args, env={"KD_JAX_FAULT": fault})
     assert (result.returncode, result.stderr) == (
         2, write_failure(workdir, failed, "No space left on device", intact))
     (small_disk / "run.ballast").unlink()
-    ok(run_cli("train_teacher.py", *args, "--resume", env=env))
+    ok(run_cli("train_teacher.py", *args, "--resume"))
     assert_same_run(workdir, baseline)
 
 
 def test_read_only_workdir_stops_in_one_line_and_resumes_once_writable(
-        tmp_path, data_dir, env, baseline, mounts, capsys):
+        tmp_path, data_dir, baseline, mounts, capsys):
     """The workdir turns read-only (a read-only bind mount over it, as root would need) before
     epoch 2's checkpoint; resuming while it is read-only is refused before anything runs."""
     workdir = tmp_path / "run"
     args = teacher_args(data_dir, workdir)
     mounts.append(workdir)
-    result = run_cli("train_teacher.py", *args, env={**env, "KD_JAX_FAULT": "readonly@metrics:2"})
+    result = run_cli("train_teacher.py", *args, env={"KD_JAX_FAULT": "readonly@metrics:2"})
     assert (result.returncode, result.stderr) == (
         2, write_failure(workdir, "checkpoints/latest/20", "Read-only file system", 10))
     assert main(TeacherConfig, train_teacher, "", [*args, "--resume"]) == 2
     assert capsys.readouterr().err == \
         f"error: {workdir}: cannot write the workdir (Read-only file system)\n"
     subprocess.run(["umount", workdir], check=True)
-    ok(run_cli("train_teacher.py", *args, "--resume", env=env))
+    ok(run_cli("train_teacher.py", *args, "--resume"))
     assert_same_run(workdir, baseline)
 
 
 # --------------------------------------------------------------------------- damaged checkpoint
-def test_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path, data_dir, env,
+def test_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path, data_dir,
                                                                 baseline):
     """Checkpoints at steps 12 and 16 (SIGTERM at 16); random bytes over 16's data files. The
     resumed run says it falls back, restarts from 12 and ends as if never stopped."""
     workdir = tmp_path / "run"
     args = teacher_args(data_dir, workdir, "--checkpoint-every-steps", "4")
-    stopped = run_cli("train_teacher.py", *args, env={**env, "KD_JAX_FAULT": "term@step:16"})
+    stopped = run_cli("train_teacher.py", *args, env={"KD_JAX_FAULT": "term@step:16"})
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
     latest = workdir / "checkpoints" / "latest"
     assert sorted(p.name for p in latest.iterdir()) == ["12", "16"]
@@ -393,7 +387,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path, data_d
     for file in (latest / "16" / "default" / "d").iterdir():
         damage.append(rng.bytes(file.stat().st_size))
         file.write_bytes(damage[-1])
-    resumed = ok(run_cli("train_teacher.py", *args, "--resume", env=env))
+    resumed = ok(run_cli("train_teacher.py", *args, "--resume"))
     assert resumed.stderr == (f"{latest / '16'}: corrupt or unreadable checkpoint (ValueError); "
                               f"deleted, resuming from {latest / '12'}\n")
     assert resumed.stdout.startswith(f"resuming from step 12 ({latest / '12'})\n")
