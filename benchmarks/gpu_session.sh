@@ -15,8 +15,8 @@
 # on one GPU, so their timings are not quoted. A variant is "FLAGS" or "FLAGS | TEACHER_FLAGS":
 # flags after the bar (label smoothing) reach the teacher alone, those before every run. The
 # grid is the CPU screen's levers (docs/RECIPE.md), each against the defaults, plus the
-# step-size combinations the screen pointed at; every run also reports flip+translate
-# test-time augmentation at the end (--tta, beside the plain figures).
+# step-size combinations the screen pointed at and the CPU proxy's best (light); every run also
+# reports flip+translate test-time augmentation at the end (--tta, beside the plain figures).
 set -uo pipefail
 DATA=$1; WORK=$2; OUT=$3; BUDGET=${4:-480}
 START=$SECONDS
@@ -47,6 +47,7 @@ declare -A VARIANTS=(
   [reflect]="--pad-mode reflect"
   [cutout12]="--cutout 12"
   [crop2-reflect]="--crop-pad 2 --pad-mode reflect"
+  [light]="--crop-pad 2 --pad-mode reflect --alternating-flip --bn-lr-factor 4"
   [keller]="--learning-rate 0.2 --pad-mode reflect --cutout 12 | --label-smoothing 0"
   [lr3.2-ema0.99]="--learning-rate 3.2 --ema-decay 0.99"
 )

@@ -70,7 +70,7 @@ def runs_of(calls: list[list[str]], script: str, folder: str) -> dict[str, list[
 def test_every_variant_is_screened_on_validation_with_its_flags_and_no_bar(session):
     calls, _, _, _ = session
     sweep = runs_of(calls, "train_teacher.py", "sweep")
-    assert len(sweep) == 18
+    assert len(sweep) == 19
     for args in sweep.values():
         assert "|" not in args
         assert args[args.index("--validation") + 1] == "5000"
@@ -79,6 +79,8 @@ def test_every_variant_is_screened_on_validation_with_its_flags_and_no_bar(sessi
     assert sweep["ls0"][-2:] == ["--label-smoothing", "0"]
     assert sweep["keller"][-8:] == ["--learning-rate", "0.2", "--pad-mode", "reflect",
                                     "--cutout", "12", "--label-smoothing", "0"]
+    assert sweep["light"][-7:] == ["--crop-pad", "2", "--pad-mode", "reflect",
+                                   "--alternating-flip", "--bn-lr-factor", "4"]
 
 
 def test_the_pick_is_the_best_validation_accuracy_and_its_teacher_flags_reach_teachers_only(
