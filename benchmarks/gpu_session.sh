@@ -14,9 +14,10 @@
 # training images (--validation 5000), never by test accuracy. The variants run concurrently
 # on one GPU, so their timings are not quoted. A variant is "FLAGS" or "FLAGS | TEACHER_FLAGS":
 # flags after the bar (label smoothing) reach the teacher alone, those before every run. The
-# grid is the CPU screen's levers (docs/RECIPE.md), each against the defaults, plus the
-# step-size combinations the screen pointed at and the CPU proxy's best (light); every run also
-# reports flip+translate test-time augmentation at the end (--tta, beside the plain figures).
+# grid is the CPU screen's levers (docs/RECIPE.md), each against the defaults (the CPU proxy's
+# "light" recipe), the defaults before it (old), each of light's levers taken back alone, and
+# the step-size combinations the screen pointed at; every run also reports flip+translate
+# test-time augmentation at the end (--tta, beside the plain figures).
 set -uo pipefail
 DATA=$1; WORK=$2; OUT=$3; BUDGET=${4:-480}
 START=$SECONDS
@@ -30,12 +31,16 @@ pack() {  # every small file under WORK (no checkpoints) into OUT/results.tgz
      -o -name '*.png' -o -name '*.log' -o -name '*.txt' \) -print | tar -czf "$OUT/results.tgz" -T -)
 }
 
+OLD="--crop-pad 4 --pad-mode zeros --no-alternating-flip --bn-lr-factor 1"  # before issue 17
 declare -A VARIANTS=(
   [base]=""
+  [old]="$OLD"
+  [crop4]="--crop-pad 4"
+  [randflip]="--no-alternating-flip"
+  [bn-lr1]="--bn-lr-factor 1"
   [lr2.4]="--learning-rate 2.4"
   [lr3.2]="--learning-rate 3.2"
   [ls0]="| --label-smoothing 0"
-  [bn-lr4]="--bn-lr-factor 4"
   [bn-lr16-noscale]="--bn-lr-factor 16 --no-bn-scale"
   [b256]="--batch-size 256"
   [b256-bn-lr16-noscale]="--batch-size 256 --bn-lr-factor 16 --no-bn-scale"
@@ -43,12 +48,8 @@ declare -A VARIANTS=(
   [wd1e-3]="--weight-decay 1e-3"
   [ema0.99]="--ema-decay 0.99"
   [whiten2]="--whiten-patch 2"
-  [altflip]="--alternating-flip"
-  [reflect]="--pad-mode reflect"
   [cutout12]="--cutout 12"
-  [crop2-reflect]="--crop-pad 2 --pad-mode reflect"
-  [light]="--crop-pad 2 --pad-mode reflect --alternating-flip --bn-lr-factor 4"
-  [keller]="--learning-rate 0.2 --pad-mode reflect --cutout 12 | --label-smoothing 0"
+  [keller]="--learning-rate 0.2 $OLD --pad-mode reflect --cutout 12 | --label-smoothing 0"
   [lr3.2-ema0.99]="--learning-rate 3.2 --ema-decay 0.99"
 )
 COMMON="--validation 5000 --tta flip_translate"

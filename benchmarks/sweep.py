@@ -13,8 +13,8 @@ busy the machine is; the epoch times of these runs are not speed measurements.
 A sweep file is a JSON object: ``{"common": {"teacher": [...], "distill": [...]},
 "runs": {"NAME": {"job": "teacher" | "distill", "flags": [...], "teacher": "NAME"}}}``; a
 distill run names the run (or a list of runs: an ensemble) whose workdir is its teacher, and
-waits for them to finish. Sweeps of this project: ``benchmarks/sweeps/`` and, beside the
-logs they made, ``docs/results/*/sweep.json``.
+waits for them to finish. This project's sweeps lie beside the logs they made:
+``docs/results/*/sweep.json``.
 """
 
 from __future__ import annotations

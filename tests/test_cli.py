@@ -155,8 +155,9 @@ PAIRS = {"resnet32x4_resnet8x4": ("resnet32x4", "resnet8x4", 8.0),
 @pytest.mark.parametrize("pair", PAIRS)
 def test_cifar100_configs_state_the_benchmarks_recipe(pair):
     """One teacher and one student file per standard pair, on RepDistiller's / mdistiller's
-    schedule; the DKD and DIST flags their comments give resolve to valid configs with the
-    papers' settings (mdistiller's beta for the pair)."""
+    schedule and augmentation (not this project's defaults); the DKD and DIST flags their
+    comments give resolve to valid configs with the papers' settings (mdistiller's beta for
+    the pair)."""
     import shlex
 
     from kd_jax.cli.config import DistillConfig, TeacherConfig, build_parser, load_yaml, resolve
@@ -174,6 +175,8 @@ def test_cifar100_configs_state_the_benchmarks_recipe(pair):
             "step", "150,180,210", 0.1)
         assert (config.momentum, config.nesterov, config.warmup_fraction) == (0.9, False, 0.0)
         assert config.weight_decay == config.bn_weight_decay == 5e-4
+        assert (config.crop_pad, config.pad_mode, config.flip, config.alternating_flip,
+                config.bn_lr_factor) == (4, "zeros", True, False, 1.0)
     assert (t_config.model, t_config.label_smoothing) == (teacher, 0.0)
     assert (s_config.teacher_model, s_config.student) == (teacher, student)
     assert {teacher, student} <= set(MODELS)

@@ -225,6 +225,7 @@ def test_configs_are_valid(name, cls):
     config = cls(**load_yaml(ROOT / "configs" / f"{name}.yaml", cls))
     config.validate()
     assert config.dataset == "mnist" and config.crop_pad in (0, 2) and not config.flip
+    assert config.crop_pad == 0 or config.pad_mode == "zeros"  # not the CIFAR default, reflect
 
 
 def test_teacher_then_left_out_distillation_end_to_end(tmp_path, monkeypatch):
@@ -234,7 +235,8 @@ def test_teacher_then_left_out_distillation_end_to_end(tmp_path, monkeypatch):
     write_mnist(tmp_path / "data", n_train=256, n_test=100)
     monkeypatch.chdir(tmp_path)
     common = dict(dataset="mnist", data_dir=str(tmp_path / "data"), epochs=1, batch_size=32,
-                  eval_batch_size=50, crop_pad=2, flip=False, progress=False, dtype="float32")
+                  eval_batch_size=50, crop_pad=2, pad_mode="zeros", flip=False, progress=False,
+                  dtype="float32")
     jobs.train_teacher(TeacherConfig(model="mlp2", width=32, dropout=0.5, input_dropout=0.2,
                                      max_norm=3.0, workdir=str(tmp_path / "t"), **common))
     summary = jobs.distill(DistillConfig(student="mlp2", student_width=16, temperature=20.0,
@@ -342,8 +344,8 @@ def mnist_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("mnist-runs")
     write_mnist(root / "data", n_train=128, n_test=50)
     common = dict(dataset="mnist", data_dir=str(root / "data"), epochs=2, batch_size=32,
-                  eval_batch_size=50, crop_pad=2, flip=False, progress=False, dtype="float32",
-                  learning_rate=0.05)
+                  eval_batch_size=50, crop_pad=2, pad_mode="zeros", flip=False, progress=False,
+                  dtype="float32", learning_rate=0.05)
     jobs.train_teacher(TeacherConfig(model="mlp1", width=16, label_smoothing=0.0,
                                      workdir=str(root / "teacher"), **common))
     jobs.distill(DistillConfig(student="mlp1", student_width=16, alpha=0.0,
