@@ -72,7 +72,7 @@ def runs_of(calls: list[list[str]], script: str, folder: str) -> dict[str, list[
 def test_every_variant_is_screened_on_validation_with_its_flags_and_no_bar(session):
     calls, _, _, _ = session
     sweep = runs_of(calls, "train_teacher.py", "sweep")
-    assert len(sweep) == 18
+    assert len(sweep) == 19
     for args in sweep.values():
         assert "|" not in args
         assert args[args.index("--validation") + 1] == "5000"
@@ -86,6 +86,7 @@ def test_every_variant_is_screened_on_validation_with_its_flags_and_no_bar(sessi
     assert augmentation(recipe["base"]) == augmentation(config.TeacherConfig())
     assert augmentation(recipe["randflip"]) == {**augmentation(recipe["base"]),
                                                 "alternating_flip": False}
+    assert augmentation(recipe["crop0"]) == {**augmentation(recipe["base"]), "crop_pad": 0}
     keller = recipe["keller"]
     assert (augmentation(keller), keller.learning_rate, keller.cutout, keller.label_smoothing) \
         == ({**before_issue_17, "pad_mode": "reflect"}, 0.2, 12, 0)
