@@ -103,6 +103,7 @@ def augmentation(recipe: config.TeacherConfig) -> dict:
     return {name: getattr(recipe, name)
             for name in ("crop_pad", "pad_mode", "alternating_flip", "bn_lr_factor")}
 
+
 def test_the_pick_is_the_best_validation_accuracy_and_its_teacher_flags_reach_teachers_only(
         session):
     calls, work, _, _ = session
