@@ -15,10 +15,11 @@
 # on one GPU, so their timings are not quoted. A variant is "FLAGS" or "FLAGS | TEACHER_FLAGS":
 # flags after the bar (label smoothing) reach the teacher alone, those before every run. The
 # grid is the CPU screen's levers (docs/RECIPE.md), each against the defaults (the CPU proxy's
-# "light" recipe), the defaults before it (old), each of light's levers taken back alone, no
-# translation at all (crop0, the CPU proxy's best single-seed row), and the step-size
-# combinations the screen pointed at; every run also reports flip+translate
-# test-time augmentation at the end (--tta, beside the plain figures).
+# best recipe: no translation, alternating flips, BN at 4x), the defaults before issue 17 (old),
+# each new lever taken back alone (translation by 4, or by 2 as in the proxy's "light" recipe,
+# which full width may need more), and the step-size combinations the screen pointed at; every
+# run also reports flip+translate test-time augmentation at the end (--tta, beside the plain
+# figures).
 set -uo pipefail
 DATA=$1; WORK=$2; OUT=$3; BUDGET=${4:-480}
 START=$SECONDS
@@ -39,7 +40,7 @@ declare -A VARIANTS=(
   [crop4]="--crop-pad 4"
   [randflip]="--no-alternating-flip"
   [bn-lr1]="--bn-lr-factor 1"
-  [crop0]="--crop-pad 0"
+  [crop2]="--crop-pad 2"
   [lr2.4]="--learning-rate 2.4"
   [lr3.2]="--learning-rate 3.2"
   [ls0]="| --label-smoothing 0"

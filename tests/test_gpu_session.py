@@ -86,7 +86,9 @@ def test_every_variant_is_screened_on_validation_with_its_flags_and_no_bar(sessi
     assert augmentation(recipe["base"]) == augmentation(config.TeacherConfig())
     assert augmentation(recipe["randflip"]) == {**augmentation(recipe["base"]),
                                                 "alternating_flip": False}
-    assert augmentation(recipe["crop0"]) == {**augmentation(recipe["base"]), "crop_pad": 0}
+    for pad in (2, 4):
+        assert augmentation(recipe[f"crop{pad}"]) == {**augmentation(recipe["base"]),
+                                                      "crop_pad": pad}
     keller = recipe["keller"]
     assert (augmentation(keller), keller.learning_rate, keller.cutout, keller.label_smoothing) \
         == ({**before_issue_17, "pad_mode": "reflect"}, 0.2, 12, 0)
@@ -99,7 +101,7 @@ def teacher_config(args: list[str]) -> config.TeacherConfig:
 
 
 def augmentation(recipe: config.TeacherConfig) -> dict:
-    """The settings issue 17's light recipe changed."""
+    """The settings issue 17 changed."""
     return {name: getattr(recipe, name)
             for name in ("crop_pad", "pad_mode", "alternating_flip", "bn_lr_factor")}
 
