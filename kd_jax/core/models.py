@@ -63,34 +63,55 @@ class BasicBlock(nn.Module):
         return nn.relu(y + residual)
 
 
-class ResNet(nn.Module):
-    """ResNet with a CIFAR stem (3x3 conv, stride 1, no max-pool).
+class ConvNet(nn.Module):
+    """The fields and layer factories every convolutional net of the zoo shares.
 
     ``bn_momentum`` and ``bn_epsilon`` follow flax's convention (running average kept with
-    weight ``momentum``: PyTorch's 0.1 is 0.9 here). ``bn_scale=False`` fixes every BN scale
-    at 1 (airbench and Page's ResNet-9 freeze them); the zero-initialised last scale of each
-    block then goes too. ``whiten_patch > 0`` puts a :class:`Whitening` layer in front of
-    the stem (its kernel is set from the data by :func:`whitening_kernel` and never trained).
-    The stem has ``width // stem_divisor`` channels (RepDistiller's x4 ResNets: 2);
-    ``zero_init=False`` starts every BN scale at 1 (RepDistiller's ResNets).
+    weight ``momentum``: PyTorch's 0.1 is 0.9 here); ``bn_scale=False`` fixes every BN scale
+    at 1 (airbench and Page's ResNet-9 freeze them). ``conv`` replaces ``nn.Conv`` everywhere
+    (e.g. kd_jax.core.conv.CpuConv, faster to train on CPUs). Subclasses declare themselves
+    ``kw_only`` so that their own architecture fields may come without defaults.
     """
 
-    stage_sizes: Sequence[int]
     num_classes: int = 10
     width: int = 64
     dtype: Any = jnp.float32
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     bn_scale: bool = True
+    conv: ModuleDef = nn.Conv
+
+    def _layers(self, train: bool, use_bias: bool = False) -> tuple[ModuleDef, ModuleDef]:
+        """The net's convolution and BatchNorm, as partials to call inside ``__call__``.
+
+        The convolution uses He et al.'s fan-out normal init (PyTorch's
+        ``kaiming_normal_(mode="fan_out")``, RepDistiller's init of every net here).
+        """
+        conv = partial(self.conv, use_bias=use_bias, dtype=self.dtype, padding="SAME",
+                       kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"))
+        norm = partial(nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
+                       epsilon=self.bn_epsilon, dtype=self.dtype, use_scale=self.bn_scale)
+        return conv, norm
+
+
+class ResNet(ConvNet, kw_only=True):
+    """ResNet with a CIFAR stem (3x3 conv, stride 1, no max-pool).
+
+    ``bn_scale=False`` also drops the zero-initialised last scale of each block.
+    ``whiten_patch > 0`` puts a :class:`Whitening` layer in front of the stem (its kernel is
+    set from the data by :func:`whitening_kernel` and never trained). The stem has
+    ``width // stem_divisor`` channels (RepDistiller's x4 ResNets: 2); ``zero_init=False``
+    starts every BN scale at 1 (RepDistiller's ResNets).
+    """
+
+    stage_sizes: Sequence[int]
     whiten_patch: int = 0
-    conv: ModuleDef = nn.Conv  # e.g. kd_jax.core.conv.CpuConv, faster to train on CPUs
     stem_divisor: int = 1
     zero_init: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        conv = _conv(self.conv, self.dtype)
-        norm = _norm(train, self.bn_momentum, self.bn_epsilon, self.bn_scale, self.dtype)
+        conv, norm = self._layers(train)
         x = x.astype(self.dtype)
         if self.whiten_patch:
             x = nn.relu(Whitening(self.whiten_patch, dtype=self.dtype, name="Whitening")(x))
@@ -103,19 +124,6 @@ class ResNet(nn.Module):
         x = jnp.mean(x, axis=(1, 2))
         x = nn.Dense(self.num_classes, dtype=self.dtype)(x)
         return x.astype(jnp.float32)
-
-
-def _conv(conv: ModuleDef, dtype: Any, use_bias: bool = False) -> ModuleDef:
-    """The zoo's convolution: He et al.'s fan-out normal init (PyTorch's
-    ``kaiming_normal_(mode="fan_out")``, RepDistiller's init of every net here)."""
-    return partial(conv, use_bias=use_bias, dtype=dtype, padding="SAME",
-                   kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"))
-
-
-def _norm(train: bool, momentum: float, epsilon: float, scale: bool, dtype: Any) -> ModuleDef:
-    """BatchNorm in flax's convention (``momentum`` 0.9 is PyTorch's 0.1)."""
-    return partial(nn.BatchNorm, use_running_average=not train, momentum=momentum,
-                   epsilon=epsilon, dtype=dtype, use_scale=scale)
 
 
 class WideBlock(nn.Module):
@@ -138,7 +146,7 @@ class WideBlock(nn.Module):
         return x + y
 
 
-class WideResNet(nn.Module):
+class WideResNet(ConvNet, kw_only=True):
     """WRN-depth-k for 32x32 images: a 3x3 stem of ``width // widen`` channels, three stages
     of ``(depth - 4) / 6`` :class:`WideBlock` s with ``width``, 2x and 4x channels (strides
     1/2/2), a final BN-ReLU, global average pooling and a dense head. ``width = 16 * k``
@@ -146,18 +154,11 @@ class WideResNet(nn.Module):
 
     blocks: int
     widen: int
-    num_classes: int = 10
     width: int = 32
-    dtype: Any = jnp.float32
-    bn_momentum: float = 0.9
-    bn_epsilon: float = 1e-5
-    bn_scale: bool = True
-    conv: ModuleDef = nn.Conv
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        conv = _conv(self.conv, self.dtype)
-        norm = _norm(train, self.bn_momentum, self.bn_epsilon, self.bn_scale, self.dtype)
+        conv, norm = self._layers(train)
         x = conv(max(self.width // self.widen, 1), (3, 3))(x.astype(self.dtype))
         for stage in range(3):
             for block in range(self.blocks):
@@ -169,25 +170,17 @@ class WideResNet(nn.Module):
         return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
 
 
-class VGG(nn.Module):
+class VGG(ConvNet, kw_only=True):
     """RepDistiller's CIFAR VGG with BatchNorm: five blocks of 3x3 conv (with bias)-BN-ReLU,
     ``blocks[i]`` listing each block's channels as multiples of ``width``; 2x2 max-pools after
     the first three blocks (none after the fourth at 32x32, as there), global average pooling
     and one dense layer (init N(0, 0.01), as there) instead of VGG's three."""
 
     blocks: Sequence[Sequence[int]]
-    num_classes: int = 10
-    width: int = 64
-    dtype: Any = jnp.float32
-    bn_momentum: float = 0.9
-    bn_epsilon: float = 1e-5
-    bn_scale: bool = True
-    conv: ModuleDef = nn.Conv
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        conv = _conv(self.conv, self.dtype, use_bias=True)
-        norm = _norm(train, self.bn_momentum, self.bn_epsilon, self.bn_scale, self.dtype)
+        conv, norm = self._layers(train, use_bias=True)
         x = x.astype(self.dtype)
         for i, block in enumerate(self.blocks):
             if 0 < i < 4:
