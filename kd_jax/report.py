@@ -88,14 +88,16 @@ def jax_runtime(model: InferenceModel) -> Runtime:
 
 def torch_runtime(model: InferenceModel, threads: int) -> Runtime | str:
     """The PyTorch twin with the run's weights, or why there is none."""
+    if model.frozen.config.get("whiten_patch"):
+        return "the PyTorch twin has no whitening layer: no PyTorch row"
+    if model.frozen.config.get("activation", "relu") != "relu":
+        return "the PyTorch twin has ReLUs only: no PyTorch row"
     try:
         import torch
     except ImportError:
         return "PyTorch is not installed: no PyTorch rows (pip install torch)"
     from kd_jax import torch_resnet
 
-    if model.frozen.config.get("whiten_patch"):
-        return "the PyTorch twin has no whitening layer: no PyTorch row"
     if model.name not in torch_resnet.STAGES:
         return f"{model.name} has no PyTorch twin: no PyTorch row"
     torch.set_num_threads(threads)

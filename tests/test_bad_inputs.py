@@ -245,6 +245,7 @@ def test_corrupt_config_json_on_resume(capsys, existing, data_dir):
      "lr_decay_factor must be in (0, 1], got 0.0"),
     (["--model", "wrn_40_2", "--whiten-patch", "2"],
      "wrn_40_2 does not take whiten_patch (set to 2)"),
+    (["--activation", "tanh"], "unknown activation 'tanh'; choose one of: relu, gelu, silu"),
     (["--checkpoint-every-steps", "-1"], "checkpoint_every_steps must be >= 0, got -1"),
     (["--train-subset", "81"], "--train-subset must be in [1, 80], got 81"),
     (["--batch-size", "96"], "batch_size 96 exceeds the 80 training images"),

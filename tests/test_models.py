@@ -6,12 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kd_jax.core import models
 from kd_jax.core.models import (
     BasicBlock,
     WideBlock,
     count_params,
     create_model,
     init_variables,
+    model_options,
 )
 from kd_jax.errors import KdError
 
@@ -239,6 +241,48 @@ def test_zoo_options():
         create_model("wrn_16_2", 10, whiten_patch=2)
     with pytest.raises(KdError, match=r"^vgg8 does not take dropout \(set to 0.5\)$"):
         create_model("vgg8", 10, dropout=0.5)
+
+
+@pytest.mark.parametrize(("name", "options", "nonlinearities"), [
+    ("resnet8", {}, 1 + 2 * 3), ("resnet8", {"whiten_patch": 2}, 2 + 2 * 3),
+    ("wrn_16_2", {}, 2 * 6 + 1), ("vgg8", {}, 5),
+])
+@pytest.mark.parametrize("activation", ["relu", "silu"])
+def test_the_activation_option_is_every_nonlinearity_of_the_net(
+        monkeypatch, name, options, nonlinearities, activation):
+    """Counted by recording the table's entry: a nonlinearity written as a plain nn.relu,
+    which the option would not reach, is missing from the count (stem 1, 2 per block; the
+    whitening layer's 1; the wide ResNet's final BN-ReLU; one per VGG convolution)."""
+    calls = []
+
+    def recording(x):
+        calls.append(x.shape)
+        return nn.silu(x)
+
+    monkeypatch.setitem(models.ACTIVATIONS, activation, recording)
+    model = create_model(name, 10, 4, activation=activation, **options)
+    variables = jax.eval_shape(lambda: init_variables(model, (32, 32, 3), 0))
+    calls.clear()
+    jax.eval_shape(lambda v: model.apply(v, jnp.zeros((1, 32, 32, 3))), variables)
+    assert len(calls) == nonlinearities
+
+
+def test_a_smooth_activation_changes_the_function_and_no_parameter():
+    relu, silu = (create_model("resnet8", 10, 4, activation=a) for a in ("relu", "silu"))
+    variables = init_variables(relu, (32, 32, 3), 0)
+    assert jax.tree.map(jnp.shape, init_variables(silu, (32, 32, 3), 0)) == jax.tree.map(
+        jnp.shape, variables)
+    images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+    plain = create_model("resnet8", 10, 4).apply(variables, images)
+    np.testing.assert_array_equal(relu.apply(variables, images), plain)
+    assert not np.allclose(silu.apply(variables, images), plain, atol=1e-3)
+    assert model_options({"activation": "silu"})["activation"] == "silu"
+    assert model_options({})["activation"] == "relu"  # a run made before the option
+    with pytest.raises(KdError, match=r"^unknown activation 'tanh'; choose one of: relu, gelu, "
+                                      r"silu$"):
+        create_model("resnet8", 10, activation="tanh")
+    with pytest.raises(KdError, match=r"^mlp2 does not take activation \(set to 'silu'\)$"):
+        create_model("mlp2", 10, activation="silu")
 
 
 def test_wide_block_projects_the_activated_input_and_adds_the_raw_one():

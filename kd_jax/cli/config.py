@@ -68,6 +68,7 @@ class RunConfig:
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5  # ResNets: BatchNorm's epsilon
     bn_scale: bool = True  # ResNets: false fixes every BatchNorm scale at 1
+    activation: str = "relu"  # conv nets: relu, gelu or silu (kd_jax.core.models.ACTIVATIONS)
     whiten_patch: int = 0  # > 0: a frozen PCA-whitening layer of this patch size before the stem
     dropout: float = 0.0  # MLPs: dropout rate of hidden units (Hinton et al. 2012: 0.5)
     input_dropout: float = 0.0  # MLPs: dropout rate of input pixels (Hinton et al. 2012: 0.2)

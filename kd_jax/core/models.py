@@ -37,6 +37,12 @@ from kd_jax.errors import KdError
 
 ModuleDef = Any
 
+# The nonlinearities a convolutional net may use, by the name a config gives. ReLU is every
+# paper's here; the smooth ones are for issue 17's recipe search (Page's ResNet-9 trains its
+# 10 epochs with a smooth activation), looked up at call time so a test can record them.
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": nn.relu, "gelu": nn.gelu, "silu": nn.silu}
+
 
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions with a residual; a 1x1 projection when the shape changes."""
@@ -46,12 +52,14 @@ class BasicBlock(nn.Module):
     conv: ModuleDef
     norm: ModuleDef
     zero_init: bool = True
+    activation: str = "relu"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        act = ACTIVATIONS[self.activation]
         residual = x
         y = self.conv(self.features, (3, 3), (self.strides, self.strides))(x)
-        y = nn.relu(self.norm()(y))
+        y = act(self.norm()(y))
         y = self.conv(self.features, (3, 3))(y)
         # Zero-init the last BN scale of each block: every block starts as the identity,
         # which trains faster in short schedules (Goyal et al. 2017). RepDistiller's ResNets
@@ -60,7 +68,7 @@ class BasicBlock(nn.Module):
         if residual.shape != y.shape:
             residual = self.conv(self.features, (1, 1), (self.strides, self.strides))(residual)
             residual = self.norm()(residual)
-        return nn.relu(y + residual)
+        return act(y + residual)
 
 
 class ConvNet(nn.Module):
@@ -68,8 +76,9 @@ class ConvNet(nn.Module):
 
     ``bn_momentum`` and ``bn_epsilon`` follow flax's convention (running average kept with
     weight ``momentum``: PyTorch's 0.1 is 0.9 here); ``bn_scale=False`` fixes every BN scale
-    at 1 (airbench and Page's ResNet-9 freeze them). ``conv`` replaces ``nn.Conv`` everywhere
-    (e.g. kd_jax.core.conv.CpuConv, faster to train on CPUs). Subclasses declare themselves
+    at 1 (airbench and Page's ResNet-9 freeze them). ``activation`` names every nonlinearity
+    (:data:`ACTIVATIONS`). ``conv`` replaces ``nn.Conv`` everywhere (e.g.
+    kd_jax.core.conv.CpuConv, faster to train on CPUs). Subclasses declare themselves
     ``kw_only`` so that their own architecture fields may come without defaults.
     """
 
@@ -79,6 +88,7 @@ class ConvNet(nn.Module):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     bn_scale: bool = True
+    activation: str = "relu"
     conv: ModuleDef = nn.Conv
 
     def _layers(self, train: bool, use_bias: bool = False) -> tuple[ModuleDef, ModuleDef]:
@@ -112,14 +122,16 @@ class ResNet(ConvNet, kw_only=True):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         conv, norm = self._layers(train)
+        act = ACTIVATIONS[self.activation]
         x = x.astype(self.dtype)
         if self.whiten_patch:
-            x = nn.relu(Whitening(self.whiten_patch, dtype=self.dtype, name="Whitening")(x))
-        x = nn.relu(norm()(conv(max(self.width // self.stem_divisor, 1), (3, 3))(x)))
+            x = act(Whitening(self.whiten_patch, dtype=self.dtype, name="Whitening")(x))
+        x = act(norm()(conv(max(self.width // self.stem_divisor, 1), (3, 3))(x)))
         for stage, num_blocks in enumerate(self.stage_sizes):
             for block in range(num_blocks):
                 strides = 2 if stage > 0 and block == 0 else 1
-                x = BasicBlock(self.width * 2**stage, strides, conv, norm, self.zero_init)(x)
+                x = BasicBlock(self.width * 2**stage, strides, conv, norm, self.zero_init,
+                               self.activation)(x)
             sow_stages(self, x)
         x = jnp.mean(x, axis=(1, 2))
         x = nn.Dense(self.num_classes, dtype=self.dtype)(x)
@@ -135,12 +147,14 @@ class WideBlock(nn.Module):
     strides: int
     conv: ModuleDef
     norm: ModuleDef
+    activation: str = "relu"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        activated = nn.relu(self.norm()(x))
+        act = ACTIVATIONS[self.activation]
+        activated = act(self.norm()(x))
         y = self.conv(self.features, (3, 3), (self.strides, self.strides))(activated)
-        y = self.conv(self.features, (3, 3))(nn.relu(self.norm()(y)))
+        y = self.conv(self.features, (3, 3))(act(self.norm()(y)))
         if x.shape[-1] != self.features or self.strides != 1:
             x = self.conv(self.features, (1, 1), (self.strides, self.strides))(activated)
         return x + y
@@ -163,10 +177,11 @@ class WideResNet(ConvNet, kw_only=True):
         for stage in range(3):
             for block in range(self.blocks):
                 strides = 2 if stage > 0 and block == 0 else 1
-                x = WideBlock(self.width * 2**stage, strides, conv, norm)(x)
+                x = WideBlock(self.width * 2**stage, strides, conv, norm, self.activation)(x)
             if stage < 2:  # the last stage's output is taken after the final BN-ReLU
                 sow_stages(self, x)
-        x = jnp.mean(sow_stages(self, nn.relu(norm()(x))), axis=(1, 2))
+        act = ACTIVATIONS[self.activation]
+        x = jnp.mean(sow_stages(self, act(norm()(x))), axis=(1, 2))
         return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
 
 
@@ -181,12 +196,13 @@ class VGG(ConvNet, kw_only=True):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         conv, norm = self._layers(train, use_bias=True)
+        act = ACTIVATIONS[self.activation]
         x = x.astype(self.dtype)
         for i, block in enumerate(self.blocks):
             if 0 < i < 4:
                 x = nn.max_pool(x, (2, 2), (2, 2))
             for multiple in block:
-                x = nn.relu(norm()(conv(self.width * multiple, (3, 3))(x)))
+                x = act(norm()(conv(self.width * multiple, (3, 3))(x)))
             if i > 0:  # block 0 plays the stem
                 sow_stages(self, x)
         x = jnp.mean(x, axis=(1, 2))
@@ -270,8 +286,8 @@ class MLP(nn.Module):
 # The options each family takes; create_model refuses the others' when they differ from
 # the defaults, so a flag that would do nothing says so.
 MLP_OPTIONS = ("dropout", "input_dropout")
-BN_OPTIONS = ("bn_momentum", "bn_epsilon", "bn_scale")
-RESNET_OPTIONS = (*BN_OPTIONS, "whiten_patch")
+CONVNET_OPTIONS = ("bn_momentum", "bn_epsilon", "bn_scale", "activation")
+RESNET_OPTIONS = (*CONVNET_OPTIONS, "whiten_patch")
 
 
 def _mlp(depth: int) -> Callable[..., nn.Module]:
@@ -302,11 +318,11 @@ def _cifar_resnet(depth: int, stem_divisor: int = 1) -> Callable[..., nn.Module]
 
 
 def _wrn(depth: int, widen: int) -> Callable[..., nn.Module]:
-    return _builder(WideResNet, BN_OPTIONS, blocks=(depth - 4) // 6, widen=widen)
+    return _builder(WideResNet, CONVNET_OPTIONS, blocks=(depth - 4) // 6, widen=widen)
 
 
 def _vgg(*blocks: Sequence[int]) -> Callable[..., nn.Module]:
-    return _builder(VGG, BN_OPTIONS, blocks=tuple(map(tuple, blocks)))
+    return _builder(VGG, CONVNET_OPTIONS, blocks=tuple(map(tuple, blocks)))
 
 
 # name -> (builder, default width). ``width`` is the first stage's channels for ResNets and
@@ -340,12 +356,16 @@ def create_model(name: str, num_classes: int = 10, width: int | None = None,
     """Build a registered model; raises ``KdError`` naming the choices for an unknown name.
 
     ``conv`` replaces every convolutional model's ``nn.Conv`` (MLPs have none). ``options``
-    are the family's fields (:data:`MLP_OPTIONS`, :data:`RESNET_OPTIONS`, :data:`BN_OPTIONS`
-    for the wide ResNets and VGGs); any other family's option is accepted only at its
-    default, where it changes nothing.
+    are the family's fields (:data:`MLP_OPTIONS`, :data:`RESNET_OPTIONS`,
+    :data:`CONVNET_OPTIONS` for the wide ResNets and VGGs); any other family's option is
+    accepted only at its default, where it changes nothing.
     """
     width = model_width(name, width)
     build = MODELS[name][0]
+    activation = options.get("activation", "relu")
+    if activation not in ACTIVATIONS:
+        raise KdError(f"unknown activation {activation!r}; choose one of: "
+                      f"{', '.join(ACTIVATIONS)}")
     for key, value in options.items():
         if key not in build.options and value != _OPTION_DEFAULTS[key]:
             raise KdError(f"{name} does not take {key} (set to {value!r})")
@@ -356,7 +376,8 @@ def create_model(name: str, num_classes: int = 10, width: int | None = None,
 
 
 _OPTION_DEFAULTS = {"dropout": 0.0, "input_dropout": 0.0, "bn_momentum": 0.9,
-                    "bn_epsilon": 1e-5, "bn_scale": True, "whiten_patch": 0}
+                    "bn_epsilon": 1e-5, "bn_scale": True, "activation": "relu",
+                    "whiten_patch": 0}
 
 
 def model_options(config: Mapping[str, Any]) -> dict[str, Any]:
