@@ -173,6 +173,7 @@ class WideResNet(ConvNet, kw_only=True):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         conv, norm = self._layers(train)
+        act = ACTIVATIONS[self.activation]
         x = conv(max(self.width // self.widen, 1), (3, 3))(x.astype(self.dtype))
         for stage in range(3):
             for block in range(self.blocks):
@@ -180,7 +181,6 @@ class WideResNet(ConvNet, kw_only=True):
                 x = WideBlock(self.width * 2**stage, strides, conv, norm, self.activation)(x)
             if stage < 2:  # the last stage's output is taken after the final BN-ReLU
                 sow_stages(self, x)
-        act = ACTIVATIONS[self.activation]
         x = jnp.mean(sow_stages(self, act(norm()(x))), axis=(1, 2))
         return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
 
