@@ -37,11 +37,17 @@ from kd_jax.errors import KdError
 
 ModuleDef = Any
 
-# The nonlinearities a convolutional net may use, by the name a config gives. ReLU is every
-# paper's here; the smooth ones are for issue 17's recipe search (Page's ResNet-9 trains its
-# 10 epochs with a smooth activation), looked up at call time so a test can record them.
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "relu": nn.relu, "gelu": nn.gelu, "silu": nn.silu}
+# The nonlinearities a convolutional net may use: names of flax.linen's functions. ReLU is
+# every paper's here; the smooth ones are for issue 17's recipe search (Page's ResNet-9 trains
+# its 10 epochs with a smooth activation).
+ACTIVATIONS = ("relu", "gelu", "silu")
+
+
+def activation_function(name: str) -> Callable[[jax.Array], jax.Array]:
+    """flax.linen's function ``name``, looked up when the net is called: the ONNX exporter
+    (jax2onnx) swaps flax's functions for its own while it traces, and a function kept from
+    import time would escape it (an exported ReLU would become generic max ops)."""
+    return getattr(nn, name)
 
 
 class BasicBlock(nn.Module):
@@ -56,7 +62,7 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        act = ACTIVATIONS[self.activation]
+        act = activation_function(self.activation)
         residual = x
         y = self.conv(self.features, (3, 3), (self.strides, self.strides))(x)
         y = act(self.norm()(y))
@@ -122,7 +128,7 @@ class ResNet(ConvNet, kw_only=True):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         conv, norm = self._layers(train)
-        act = ACTIVATIONS[self.activation]
+        act = activation_function(self.activation)
         x = x.astype(self.dtype)
         if self.whiten_patch:
             x = act(Whitening(self.whiten_patch, dtype=self.dtype, name="Whitening")(x))
@@ -151,7 +157,7 @@ class WideBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        act = ACTIVATIONS[self.activation]
+        act = activation_function(self.activation)
         activated = act(self.norm()(x))
         y = self.conv(self.features, (3, 3), (self.strides, self.strides))(activated)
         y = self.conv(self.features, (3, 3))(act(self.norm()(y)))
@@ -173,7 +179,7 @@ class WideResNet(ConvNet, kw_only=True):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         conv, norm = self._layers(train)
-        act = ACTIVATIONS[self.activation]
+        act = activation_function(self.activation)
         x = conv(max(self.width // self.widen, 1), (3, 3))(x.astype(self.dtype))
         for stage in range(3):
             for block in range(self.blocks):
@@ -196,7 +202,7 @@ class VGG(ConvNet, kw_only=True):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         conv, norm = self._layers(train, use_bias=True)
-        act = ACTIVATIONS[self.activation]
+        act = activation_function(self.activation)
         x = x.astype(self.dtype)
         for i, block in enumerate(self.blocks):
             if 0 < i < 4:
