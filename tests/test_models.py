@@ -8,6 +8,7 @@ import pytest
 
 from kd_jax.core.models import (
     BasicBlock,
+    BatchNorm,
     WideBlock,
     count_params,
     create_model,
@@ -283,6 +284,64 @@ def test_a_smooth_activation_changes_the_function_and_no_parameter():
         create_model("resnet8", 10, activation="tanh")
     with pytest.raises(KdError, match=r"^mlp2 does not take activation \(set to 'silu'\)$"):
         create_model("mlp2", 10, activation="silu")
+
+
+def test_ghost_batchnorm_normalises_each_group_by_its_own_statistics():
+    """Against numpy from Hoffer et al.'s definition: two ghost batches of 3, each standardised
+    by its own (biased) mean and variance, then scaled and shifted; the running averages move
+    towards the groups' mean statistics with flax's momentum convention."""
+    x = np.random.default_rng(0).normal(2.0, 3.0, (6, 2, 2, 3)).astype(np.float32)
+    layer = BatchNorm(use_running_average=False, ghost_batch_size=3, momentum=0.8, epsilon=1e-3)
+    scale, bias = np.array([0.5, 1.0, 2.0]), np.array([-1.0, 0.0, 1.0])
+    variables = {"params": {"scale": scale, "bias": bias},
+                 "batch_stats": {"mean": np.full(3, 0.5), "var": np.full(3, 2.0)}}
+    y, updated = layer.apply(variables, x, mutable=["batch_stats"])
+
+    groups = x.reshape(2, 3, 2, 2, 3).astype(np.float64)
+    mean, var = groups.mean((1, 2, 3), keepdims=True), groups.var((1, 2, 3), keepdims=True)
+    expected = ((groups - mean) / np.sqrt(var + 1e-3) * scale + bias).reshape(x.shape)
+    np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-4, atol=1e-4)
+    stats = updated["batch_stats"]
+    np.testing.assert_allclose(stats["mean"], 0.8 * 0.5 + 0.2 * mean.mean(0).ravel(), rtol=1e-5)
+    np.testing.assert_allclose(stats["var"], 0.8 * 2.0 + 0.2 * var.mean(0).ravel(), rtol=1e-5)
+
+
+def test_ghost_batchnorm_is_flax_batchnorm_at_one_group_and_in_inference():
+    x = jax.random.normal(jax.random.key(1), (8, 3, 3, 4)) * 2 + 1
+    variables = nn.BatchNorm(use_running_average=False).init(jax.random.key(0), x)
+    plain, plain_stats = nn.BatchNorm(use_running_average=False).apply(
+        variables, x, mutable=["batch_stats"])
+    ghost, ghost_stats = BatchNorm(use_running_average=False, ghost_batch_size=8).apply(
+        variables, x, mutable=["batch_stats"])
+    np.testing.assert_allclose(ghost, plain, rtol=1e-5, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), ghost_stats,
+                 plain_stats)
+    inference = BatchNorm(use_running_average=True, ghost_batch_size=2).apply(plain_stats | {
+        "params": variables["params"]}, x)
+    np.testing.assert_array_equal(inference, nn.BatchNorm(use_running_average=True).apply(
+        plain_stats | {"params": variables["params"]}, x))
+    with pytest.raises(ValueError, match=r"^a batch of 8 does not split into ghost batches of "
+                                         r"3\b"):
+        BatchNorm(use_running_average=False, ghost_batch_size=3).apply(
+            variables, x, mutable=["batch_stats"])
+
+
+def test_ghost_batches_change_training_only_and_no_parameter():
+    """The option reaches every BatchNorm of the net (the training output moves) and keeps the
+    variables' names and shapes (checkpoints, the optimizer's BN group and the exporters
+    depend on ``BatchNorm_<i>``); in inference the net is the plain one."""
+    plain, ghost = (create_model("resnet8", 10, 4, ghost_batch_size=g) for g in (0, 2))
+    variables = init_variables(plain, (32, 32, 3), 0)
+    assert jax.tree.map(jnp.shape, init_variables(ghost, (32, 32, 3), 0)) == jax.tree.map(
+        jnp.shape, variables)
+    images = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+    train = {m: m.apply(variables, images, train=True, mutable=["batch_stats"])[0]
+             for m in (plain, ghost)}
+    assert not np.allclose(train[ghost], train[plain], atol=1e-3)
+    np.testing.assert_array_equal(ghost.apply(variables, images), plain.apply(variables, images))
+    assert model_options({})["ghost_batch_size"] == 0  # a run made before the option
+    with pytest.raises(KdError, match=r"^mlp2 does not take ghost_batch_size \(set to 32\)$"):
+        create_model("mlp2", 10, ghost_batch_size=32)
 
 
 def test_wide_block_projects_the_activated_input_and_adds_the_raw_one():

@@ -68,6 +68,9 @@ class RunConfig:
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5  # ResNets: BatchNorm's epsilon
     bn_scale: bool = True  # ResNets: false fixes every BatchNorm scale at 1
+    # conv nets: > 0 normalises each run of this many images of a training batch by its own
+    # statistics (ghost BatchNorm; Page's ResNet-9: 32); it must divide batch_size
+    ghost_batch_size: int = 0
     activation: str = "relu"  # conv nets: relu, gelu or silu (kd_jax.core.models.ACTIVATIONS)
     whiten_patch: int = 0  # > 0: a frozen PCA-whitening layer of this patch size before the stem
     dropout: float = 0.0  # MLPs: dropout rate of hidden units (Hinton et al. 2012: 0.5)
@@ -103,6 +106,11 @@ class RunConfig:
             (self.tta in TTA_MODES, f"tta must be one of {', '.join(TTA_MODES)}, got {self.tta!r}"),
             (0 <= self.bn_momentum < 1, f"bn_momentum must be in [0, 1), got {self.bn_momentum}"),
             (self.bn_epsilon > 0, f"bn_epsilon must be > 0, got {self.bn_epsilon}"),
+            (self.ghost_batch_size >= 0,
+             f"ghost_batch_size must be >= 0, got {self.ghost_batch_size}"),
+            (not self.ghost_batch_size or self.batch_size % self.ghost_batch_size == 0,
+             f"ghost_batch_size {self.ghost_batch_size} must divide batch_size "
+             f"{self.batch_size}"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
             (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
             (self.crop_pad >= 0, f"crop_pad must be >= 0, got {self.crop_pad}"),

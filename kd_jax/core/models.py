@@ -50,6 +50,52 @@ def activation_function(name: str) -> Callable[[jax.Array], jax.Array]:
     return getattr(nn, name)
 
 
+class BatchNorm(nn.BatchNorm):
+    """flax's BatchNorm, with optional ghost statistics in training.
+
+    ``ghost_batch_size > 0`` normalises each run of that many consecutive images of a training
+    batch by the run's own mean and variance (Hoffer et al. 2017's ghost BatchNorm; Page's
+    ResNet-9 uses groups of 32 at batch 512): the noise of small-batch statistics at a large
+    batch's step count, a regulariser for short schedules. The running averages move towards
+    the mean of the groups' statistics; inference (and initialisation) is flax's BatchNorm
+    unchanged. The class keeps flax's name, so its layers are ``BatchNorm_<i>`` in the
+    parameter tree with ghosts or without: checkpoints, the optimizer's BN group, the PyTorch
+    twin and the exporters see the same layers. Features are on the last axis, as in every
+    net here.
+    """
+
+    ghost_batch_size: int = 0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+        train = not nn.merge_param("use_running_average", self.use_running_average,
+                                   use_running_average)
+        if not (train and self.ghost_batch_size) or self.is_initializing():
+            return super().__call__(x, use_running_average)
+        size = self.ghost_batch_size
+        if x.shape[0] % size:
+            raise ValueError(f"a batch of {x.shape[0]} does not split into ghost batches of "
+                             f"{size}")
+        features = (x.shape[-1],)
+        groups = x.reshape(x.shape[0] // size, size, *x.shape[1:]).astype(jnp.float32)
+        axes = tuple(range(1, groups.ndim - 1))
+        mean = groups.mean(axes, keepdims=True)
+        # E[x^2] - E[x]^2 in float32, as flax's own (fast) variance.
+        var = jnp.maximum(jnp.square(groups).mean(axes, keepdims=True) - jnp.square(mean), 0)
+        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, features, jnp.float32)
+        ra_var = self.variable("batch_stats", "var", jnp.ones, features, jnp.float32)
+        ra_mean.value = (self.momentum * ra_mean.value
+                         + (1 - self.momentum) * mean.reshape(-1, *features).mean(0))
+        ra_var.value = (self.momentum * ra_var.value
+                        + (1 - self.momentum) * var.reshape(-1, *features).mean(0))
+        y = (groups - mean) * jax.lax.rsqrt(var + self.epsilon)
+        if self.use_scale:
+            y = y * self.param("scale", self.scale_init, features, self.param_dtype)
+        if self.use_bias:
+            y = y + self.param("bias", self.bias_init, features, self.param_dtype)
+        return y.reshape(x.shape).astype(self.dtype or x.dtype)
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions with a residual; a 1x1 projection when the shape changes."""
 
@@ -82,7 +128,9 @@ class ConvNet(nn.Module):
 
     ``bn_momentum`` and ``bn_epsilon`` follow flax's convention (running average kept with
     weight ``momentum``: PyTorch's 0.1 is 0.9 here); ``bn_scale=False`` fixes every BN scale
-    at 1 (airbench and Page's ResNet-9 freeze them). ``activation`` names every nonlinearity
+    at 1 (airbench and Page's ResNet-9 freeze them); ``ghost_batch_size`` gives every
+    BatchNorm ghost statistics in training (:class:`BatchNorm`). ``activation`` names every
+    nonlinearity
     (:data:`ACTIVATIONS`). ``conv`` replaces ``nn.Conv`` everywhere (e.g.
     kd_jax.core.conv.CpuConv, faster to train on CPUs). Subclasses declare themselves
     ``kw_only`` so that their own architecture fields may come without defaults.
@@ -94,6 +142,7 @@ class ConvNet(nn.Module):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     bn_scale: bool = True
+    ghost_batch_size: int = 0
     activation: str = "relu"
     conv: ModuleDef = nn.Conv
 
@@ -105,8 +154,9 @@ class ConvNet(nn.Module):
         """
         conv = partial(self.conv, use_bias=use_bias, dtype=self.dtype, padding="SAME",
                        kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"))
-        norm = partial(nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
-                       epsilon=self.bn_epsilon, dtype=self.dtype, use_scale=self.bn_scale)
+        norm = partial(BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
+                       epsilon=self.bn_epsilon, dtype=self.dtype, use_scale=self.bn_scale,
+                       ghost_batch_size=self.ghost_batch_size)
         return conv, norm
 
 
@@ -292,7 +342,7 @@ class MLP(nn.Module):
 # The options each family takes; create_model refuses the others' when they differ from
 # the defaults, so a flag that would do nothing says so.
 MLP_OPTIONS = ("dropout", "input_dropout")
-CONVNET_OPTIONS = ("bn_momentum", "bn_epsilon", "bn_scale", "activation")
+CONVNET_OPTIONS = ("bn_momentum", "bn_epsilon", "bn_scale", "ghost_batch_size", "activation")
 RESNET_OPTIONS = (*CONVNET_OPTIONS, "whiten_patch")
 
 
@@ -382,7 +432,8 @@ def create_model(name: str, num_classes: int = 10, width: int | None = None,
 
 
 _OPTION_DEFAULTS = {"dropout": 0.0, "input_dropout": 0.0, "bn_momentum": 0.9,
-                    "bn_epsilon": 1e-5, "bn_scale": True, "activation": "relu",
+                    "bn_epsilon": 1e-5, "bn_scale": True, "ghost_batch_size": 0,
+                    "activation": "relu",
                     "whiten_patch": 0}
 
 
