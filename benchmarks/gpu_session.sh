@@ -52,6 +52,7 @@ declare -A VARIANTS=(
   [ema0.99]="--ema-decay 0.99"
   [whiten2]="--whiten-patch 2"
   [silu]="--activation silu"
+  [ghost32-silu]="--ghost-batch-size 32 --activation silu"
   [cutout12]="--cutout 12"
   [keller]="--learning-rate 0.2 $OLD --pad-mode reflect --cutout 12 | --label-smoothing 0"
   [lr3.2-ema0.99]="--learning-rate 3.2 --ema-decay 0.99"

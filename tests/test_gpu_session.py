@@ -72,7 +72,7 @@ def runs_of(calls: list[list[str]], script: str, folder: str) -> dict[str, list[
 def test_every_variant_is_screened_on_validation_with_its_flags_and_no_bar(session):
     calls, _, _, _ = session
     sweep = runs_of(calls, "train_teacher.py", "sweep")
-    assert len(sweep) == 20
+    assert len(sweep) == 21
     for args in sweep.values():
         assert "|" not in args
         assert args[args.index("--validation") + 1] == "5000"
@@ -81,6 +81,8 @@ def test_every_variant_is_screened_on_validation_with_its_flags_and_no_bar(sessi
     assert recipe["lr3.2"].learning_rate == 3.2
     assert recipe["ls0"].label_smoothing == 0
     assert recipe["silu"].activation == "silu"
+    assert (recipe["ghost32-silu"].ghost_batch_size, recipe["ghost32-silu"].activation) == (
+        32, "silu")
     before_issue_17 = {"crop_pad": 4, "pad_mode": "zeros", "alternating_flip": False,
                        "bn_lr_factor": 1.0}
     assert augmentation(recipe["old"]) == before_issue_17
