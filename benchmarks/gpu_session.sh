@@ -15,11 +15,12 @@
 # on one GPU, so their timings are not quoted. A variant is "FLAGS" or "FLAGS | TEACHER_FLAGS":
 # flags after the bar (label smoothing) reach the teacher alone, those before every run. The
 # grid is the CPU screen's levers (docs/RECIPE.md), each against the defaults (the CPU proxy's
-# best recipe: no translation, alternating flips, BN at 4x), the defaults before issue 17 (old),
-# each new lever taken back alone (translation by 4, or by 2 as in the proxy's "light" recipe,
-# which full width may need more), and the step-size combinations the screen pointed at; every
-# run also reports flip+translate test-time augmentation at the end (--tta, beside the plain
-# figures).
+# best recipe: no translation, alternating flips, BN at 4x, ghost BatchNorm over 32 images with
+# SiLU), the defaults before issue 17 (old), each new lever taken back alone (translation by 4,
+# or by 2 as in the proxy's "light" recipe, which full width may need more; plain BatchNorm,
+# and with it ReLU: crop0, the proxy's recipe before ghost BatchNorm), and the step-size
+# combinations the screen pointed at; every run also reports flip+translate test-time
+# augmentation at the end (--tta, beside the plain figures).
 set -uo pipefail
 DATA=$1; WORK=$2; OUT=$3; BUDGET=${4:-480}
 START=$SECONDS
@@ -33,7 +34,8 @@ pack() {  # every small file under WORK (no checkpoints) into OUT/results.tgz
      -o -name '*.png' -o -name '*.log' -o -name '*.txt' \) -print | tar -czf "$OUT/results.tgz" -T -)
 }
 
-OLD="--crop-pad 4 --pad-mode zeros --no-alternating-flip --bn-lr-factor 1"  # before issue 17
+# before issue 17:
+OLD="--crop-pad 4 --pad-mode zeros --no-alternating-flip --bn-lr-factor 1 --ghost-batch-size 0 --activation relu"
 declare -A VARIANTS=(
   [base]=""
   [old]="$OLD"
@@ -51,8 +53,8 @@ declare -A VARIANTS=(
   [wd1e-3]="--weight-decay 1e-3"
   [ema0.99]="--ema-decay 0.99"
   [whiten2]="--whiten-patch 2"
-  [silu]="--activation silu"
-  [ghost32-silu]="--ghost-batch-size 32 --activation silu"
+  [no-ghost]="--ghost-batch-size 0"
+  [crop0]="--ghost-batch-size 0 --activation relu"
   [cutout12]="--cutout 12"
   [keller]="--learning-rate 0.2 $OLD --pad-mode reflect --cutout 12 | --label-smoothing 0"
   [lr3.2-ema0.99]="--learning-rate 3.2 --ema-decay 0.99"

@@ -5,8 +5,9 @@ Nesterov momentum 0.9, linear warmup then linear decay to zero (kd-jax's own opt
 step by step), weight decay on kernels only, zero-initialised last BatchNorm scale in each block,
 He fan-out initialisation, zero-padded random crop and mirror, the same normalisation, the same
 label smoothing, the first ``--train-subset`` training images; the defaults are kd-jax's, but
-its augmentation and BN rate are the ones before issue 17 (``train_teacher.py --crop-pad 4
---pad-mode zeros --no-alternating-flip --bn-lr-factor 1``). Prints
+its augmentation, BN rate, BatchNorm and activation are the ones before issue 17
+(``train_teacher.py --crop-pad 4 --pad-mode zeros --no-alternating-flip --bn-lr-factor 1
+--ghost-batch-size 0 --activation relu``). Prints
 the per-epoch figures ``train_teacher.py`` prints, for a side-by-side look at two learning
 curves (one CPU thread, PyTorch's defaults otherwise).
 

@@ -90,8 +90,6 @@ def torch_runtime(model: InferenceModel, threads: int) -> Runtime | str:
     """The PyTorch twin with the run's weights, or why there is none."""
     if model.frozen.config.get("whiten_patch"):
         return "the PyTorch twin has no whitening layer: no PyTorch row"
-    if model.frozen.config.get("activation", "relu") != "relu":
-        return "the PyTorch twin has ReLUs only: no PyTorch row"
     try:
         import torch
     except ImportError:
@@ -102,7 +100,8 @@ def torch_runtime(model: InferenceModel, threads: int) -> Runtime | str:
         return f"{model.name} has no PyTorch twin: no PyTorch row"
     torch.set_num_threads(threads)
     net = torch_resnet.from_flax(model.name, model.width, model.frozen.variables,
-                                 model.frozen.config.get("bn_epsilon", 1e-5))
+                                 model.frozen.config.get("bn_epsilon", 1e-5),
+                                 model.frozen.config.get("activation", "relu"))
     mean, std = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1)
                  for v in (model.dataset.mean, model.dataset.std))
 

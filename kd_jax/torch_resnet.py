@@ -20,6 +20,9 @@ from torch.nn import functional as F
 
 STAGES = {"resnet8": (1, 1, 1), "resnet10": (1, 1, 1, 1), "resnet18": (2, 2, 2, 2),
           "resnet34": (3, 4, 6, 3)}
+# kd_jax's activations (flax.linen's functions) as PyTorch modules: flax's gelu is the tanh
+# approximation.
+ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "gelu": lambda: nn.GELU(approximate="tanh")}
 
 
 class SameConv2d(nn.Conv2d):
@@ -39,8 +42,9 @@ class SameConv2d(nn.Conv2d):
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
+    def __init__(self, cin: int, cout: int, stride: int, activation: str = "relu"):
         super().__init__()
+        self.act = ACTIVATIONS[activation]()
         self.conv1 = SameConv2d(cin, cout, 3, stride)
         self.bn1 = nn.BatchNorm2d(cout)
         self.conv2 = SameConv2d(cout, cout, 3)
@@ -51,20 +55,23 @@ class BasicBlock(nn.Module):
                                           nn.BatchNorm2d(cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.relu(self.bn1(self.conv1(x)))
+        y = self.act(self.bn1(self.conv1(x)))
         y = self.bn2(self.conv2(y))
-        return F.relu(y + self.shortcut(x))
+        return self.act(y + self.shortcut(x))
 
 
 class ResNet(nn.Module):
-    def __init__(self, stage_sizes: tuple[int, ...], width: int = 64, num_classes: int = 10):
+    def __init__(self, stage_sizes: tuple[int, ...], width: int = 64, num_classes: int = 10,
+                 activation: str = "relu"):
         super().__init__()
-        self.stem = nn.Sequential(SameConv2d(3, width, 3), nn.BatchNorm2d(width), nn.ReLU())
+        self.stem = nn.Sequential(SameConv2d(3, width, 3), nn.BatchNorm2d(width),
+                                  ACTIVATIONS[activation]())
         blocks, cin = [], width
         for stage, n in enumerate(stage_sizes):
             for block in range(n):
                 cout = width * 2**stage
-                blocks.append(BasicBlock(cin, cout, 2 if stage > 0 and block == 0 else 1))
+                blocks.append(BasicBlock(cin, cout, 2 if stage > 0 and block == 0 else 1,
+                                         activation))
                 cin = cout
         self.blocks = nn.Sequential(*blocks)
         self.head = nn.Linear(cin, num_classes)
@@ -74,19 +81,20 @@ class ResNet(nn.Module):
         return self.head(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-def create(name: str, width: int, num_classes: int = 10) -> ResNet:
+def create(name: str, width: int, num_classes: int = 10, activation: str = "relu") -> ResNet:
     if name not in STAGES:
         raise ValueError(f"no PyTorch twin for {name!r}; choose one of: {', '.join(STAGES)}")
-    return ResNet(STAGES[name], width, num_classes)
+    return ResNet(STAGES[name], width, num_classes, activation)
 
 
 def from_flax(name: str, width: int, variables: Mapping[str, Any],
-              bn_epsilon: float = 1e-5) -> ResNet:
+              bn_epsilon: float = 1e-5, activation: str = "relu") -> ResNet:
     """The twin in eval mode holding a kd-jax ResNet's trained ``variables`` (params and
     batch_stats), so it computes that run's logits: flax's HWIO kernels become PyTorch's OIHW,
-    a BN without a scale (``bn_scale`` off) gets 1."""
+    a BN without a scale (``bn_scale`` off) gets 1. Ghost BatchNorm needs nothing here: in
+    inference it is plain BatchNorm."""
     params, stats = variables["params"], variables["batch_stats"]
-    net = create(name, width, np.shape(params["Dense_0"]["bias"])[0])
+    net = create(name, width, np.shape(params["Dense_0"]["bias"])[0], activation)
     with torch.no_grad():
         _load_conv_bn(net.stem[0], net.stem[1], params, stats, "0", bn_epsilon)
         for i, block in enumerate(net.blocks):

@@ -39,6 +39,10 @@ def test_teacher_then_student_end_to_end(tiny_cifar, tmp_path):
     assert teacher.returncode == 0, teacher.stderr
     summary = json.loads((tmp_path / "t" / "summary.json").read_text())
     assert summary["model"] == "resnet8"
+    # What trained is recorded, and the logits below rebuild the net from it: SiLU, and plain
+    # BatchNorm since 40 images do not split into ghost batches of 32.
+    recorded = json.loads((tmp_path / "t" / "config.json").read_text())
+    assert (recorded["activation"], recorded["ghost_batch_size"]) == ("silu", 0)
     teacher_logits = frozen_logits(tmp_path / "t", tiny_cifar)
     assert summary["test_accuracy"] == accuracy(teacher_logits["test"])
     assert summary["val_accuracy"] == accuracy(teacher_logits["val"])
@@ -120,13 +124,33 @@ def test_shipped_configs_load():
 def test_default_configs_state_the_defaults(name):
     """configs/teacher.yaml and distill.yaml say they equal no --config: every key they set
     must be the dataclass default (the recipe chosen on the validation split)."""
-    from kd_jax.cli.config import DistillConfig, TeacherConfig, load_yaml
+    from kd_jax.cli.config import DistillConfig, TeacherConfig, load_yaml, with_model_recipe
 
     cls = {"teacher": TeacherConfig, "distill": DistillConfig}[name]
     stated = load_yaml(REPO / "configs" / f"{name}.yaml", cls)
-    defaults = {key: getattr(cls(), key) for key in stated}
+    resolved = with_model_recipe(cls(), stated.get("model") or stated["student"])
+    defaults = {key: getattr(resolved, key) for key in stated}
     assert stated == defaults
     assert defaults["learning_rate"] == 1.6
+
+
+@pytest.mark.parametrize(("model", "batch_size", "chosen", "expected"), [
+    ("resnet18", 512, {}, (32, "silu")),
+    ("wrn_16_2", 64, {}, (32, "silu")),
+    ("vgg8", 96, {}, (32, "silu")),
+    ("resnet8", 40, {}, (0, "silu")),  # 40 images do not split into 32s: plain BatchNorm
+    ("mlp2", 512, {}, (0, "relu")),  # no BatchNorm, and ReLUs built in
+    ("resnet18", 512, {"ghost_batch_size": 0, "activation": "relu"}, (0, "relu")),
+    ("resnet18", 48, {"ghost_batch_size": 16, "activation": "gelu"}, (16, "gelu")),
+])
+def test_unset_model_options_follow_the_models_family(model, batch_size, chosen, expected):
+    from kd_jax.cli.config import TeacherConfig, with_model_recipe
+
+    config = TeacherConfig(model=model, batch_size=batch_size, **chosen)
+    resolved = with_model_recipe(config, model)
+    assert (resolved.ghost_batch_size, resolved.activation) == expected
+    assert resolved == TeacherConfig(model=model, batch_size=batch_size, ghost_batch_size=
+                                     expected[0], activation=expected[1])
 
 
 @pytest.mark.slow
@@ -176,7 +200,8 @@ def test_cifar100_configs_state_the_benchmarks_recipe(pair):
         assert (config.momentum, config.nesterov, config.warmup_fraction) == (0.9, False, 0.0)
         assert config.weight_decay == config.bn_weight_decay == 5e-4
         assert (config.crop_pad, config.pad_mode, config.flip, config.alternating_flip,
-                config.bn_lr_factor) == (4, "zeros", True, False, 1.0)
+                config.bn_lr_factor, config.ghost_batch_size, config.activation) == (
+            4, "zeros", True, False, 1.0, 0, "relu")
     assert (t_config.model, t_config.label_smoothing) == (teacher, 0.0)
     assert (s_config.teacher_model, s_config.student) == (teacher, student)
     assert {teacher, student} <= set(MODELS)

@@ -80,15 +80,16 @@ def test_every_variant_is_screened_on_validation_with_its_flags_and_no_bar(sessi
     recipe = {name: teacher_config(args) for name, args in sweep.items()}
     assert recipe["lr3.2"].learning_rate == 3.2
     assert recipe["ls0"].label_smoothing == 0
-    assert recipe["silu"].activation == "silu"
-    assert (recipe["ghost32-silu"].ghost_batch_size, recipe["ghost32-silu"].activation) == (
-        32, "silu")
     before_issue_17 = {"crop_pad": 4, "pad_mode": "zeros", "alternating_flip": False,
-                       "bn_lr_factor": 1.0}
+                       "bn_lr_factor": 1.0, "ghost_batch_size": 0, "activation": "relu"}
     assert augmentation(recipe["old"]) == before_issue_17
     assert augmentation(recipe["base"]) == augmentation(config.TeacherConfig())
     assert augmentation(recipe["randflip"]) == {**augmentation(recipe["base"]),
                                                 "alternating_flip": False}
+    assert augmentation(recipe["no-ghost"]) == {**augmentation(recipe["base"]),
+                                                "ghost_batch_size": 0}
+    assert augmentation(recipe["crop0"]) == {**augmentation(recipe["base"]),
+                                             "ghost_batch_size": 0, "activation": "relu"}
     for pad in (2, 4):
         assert augmentation(recipe[f"crop{pad}"]) == {**augmentation(recipe["base"]),
                                                       "crop_pad": pad}
@@ -104,9 +105,11 @@ def teacher_config(args: list[str]) -> config.TeacherConfig:
 
 
 def augmentation(recipe: config.TeacherConfig) -> dict:
-    """The settings issue 17 changed."""
-    return {name: getattr(recipe, name)
-            for name in ("crop_pad", "pad_mode", "alternating_flip", "bn_lr_factor")}
+    """The settings issue 17 changed, as the run fills them in for its model."""
+    resolved = config.with_model_recipe(recipe, recipe.model)
+    return {name: getattr(resolved, name)
+            for name in ("crop_pad", "pad_mode", "alternating_flip", "bn_lr_factor",
+                         "ghost_batch_size", "activation")}
 
 
 def test_the_pick_is_the_best_validation_accuracy_and_its_teacher_flags_reach_teachers_only(

@@ -23,7 +23,14 @@ from jax.sharding import PartitionSpec as P
 
 from kd_jax import api
 from kd_jax.cli import distributed
-from kd_jax.cli.config import DistillConfig, RunConfig, TeacherConfig, decay_epochs, to_json
+from kd_jax.cli.config import (
+    DistillConfig,
+    RunConfig,
+    TeacherConfig,
+    decay_epochs,
+    to_json,
+    with_model_recipe,
+)
 from kd_jax.core import metrics
 from kd_jax.core.augment import Augmentation
 from kd_jax.core.checkpoint import load_frozen
@@ -214,7 +221,7 @@ class _Job:
 
 def train_teacher(config: TeacherConfig, hooks: Sequence[Hook] = ()) -> dict:
     """Train a model on labels with cross-entropy; returns (and writes) the summary."""
-    job = _Job(config, "teacher")
+    job = _Job(with_model_recipe(config, config.model), "teacher")
     model = job.model(config.model, config.width)
     with job.open_run(len(job.train_labels)):
         _, history = api.train(
@@ -295,7 +302,7 @@ def distill(config: DistillConfig, hooks: Sequence[Hook] = ()) -> dict:
     if not config.teachers:
         # Record which teacher "the latest" was: a --resume must not pick up a newer one.
         config = dataclasses.replace(config, teachers=[str(latest_run("teacher"))])
-    job = _Job(config, "distill")
+    job = _Job(with_model_recipe(config, config.student), "distill")
     student = job.model(config.student, config.student_width)
     loss = config.distill_loss()
     omit = left_out_classes(job.dataset, config)

@@ -443,11 +443,21 @@ def model_options(config: Mapping[str, Any]) -> dict[str, Any]:
     return {k: config.get(k, default) for k, default in _OPTION_DEFAULTS.items()}
 
 
-def model_width(name: str, width: int | None) -> int:
-    """The width a model named ``name`` is built with: ``width``, or the model's default."""
+def _registered(name: str) -> tuple[Callable[..., nn.Module], int]:
+    """The builder and default width of the model ``name``; ``KdError`` naming the choices."""
     if name not in MODELS:
         raise KdError(f"unknown model {name!r}; choose one of: {', '.join(sorted(MODELS))}")
-    width = MODELS[name][1] if width is None else width
+    return MODELS[name]
+
+
+def model_takes(name: str, option: str) -> bool:
+    """Whether the registered model ``name`` takes ``option`` (a field of its family)."""
+    return option in _registered(name)[0].options
+
+
+def model_width(name: str, width: int | None) -> int:
+    """The width a model named ``name`` is built with: ``width``, or the model's default."""
+    width = _registered(name)[1] if width is None else width
     if width < 1:
         raise KdError(f"width must be >= 1, got {width}")
     return width
