@@ -24,7 +24,7 @@ from _helpers import (
     write_cifar_binary,
 )
 
-from kd_jax.cli.config import DistillConfig, TeacherConfig, to_json
+from kd_jax.cli.config import DistillConfig, TeacherConfig, to_json, with_model_recipe
 from kd_jax.cli.jobs import distill, train_teacher
 from kd_jax.cli.main import main
 from kd_jax.core import data
@@ -45,8 +45,10 @@ def _state_like(num_classes, model="resnet8", width=4):
 
 
 def make_run(path, num_classes=10, **config):
-    """A finished-looking teacher run (config, metrics, an untrained checkpoint), no training."""
+    """A finished-looking teacher run (config, metrics, an untrained checkpoint), no training;
+    its config.json holds the resolved model options, as a real run's does."""
     config = TeacherConfig(**{"model": "resnet8", "width": 4, "workdir": str(path), **config})
+    config = with_model_recipe(config, config.model)
     with RunDir.prepare(path, json.loads(to_json(config))) as run:
         state = _state_like(num_classes, config.model, config.width)
         checkpoints = RunCheckpoints(path)
@@ -207,8 +209,10 @@ def test_workdir_holding_a_run_is_refused(capsys, existing, data_dir):
 def test_resume_with_other_settings_is_refused(capsys, existing, data_dir):
     assert teacher_error(capsys, existing, "--data-dir", data_dir, "--resume",
                          "--learning-rate", "0.3", overwrite=False) == (
+        # The saved run's batch of 512 split into ghost batches of 32; a batch of 16 does not.
         f"{existing[0]} holds a run with different settings (batch_size, epochs, "
-        "eval_batch_size, learning_rate); resume with the same settings or use another workdir")
+        "eval_batch_size, ghost_batch_size, learning_rate); resume with the same settings or "
+        "use another workdir")
 
 
 def test_resume_and_overwrite_together(capsys, existing, data_dir):
@@ -447,6 +451,7 @@ def test_resume_does_not_switch_to_a_newer_default_teacher(capsys, tmp_path, sav
     interrupted = DistillConfig(teachers=[str(older)], student="resnet8", student_width=4,
                                 batch_size=16, eval_batch_size=16, epochs=1,
                                 workdir=str(tmp_path / "student"))
+    interrupted = with_model_recipe(interrupted, interrupted.student)
     RunDir.prepare(tmp_path / "student", json.loads(to_json(interrupted))).close()
     shutil.copytree(saved_run, Path("runs") / "teacher-20270101-000000")
     assert error_of(distill, DistillConfig, [*flags, "--resume"], capsys) == (
