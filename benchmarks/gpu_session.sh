@@ -15,10 +15,12 @@
 # on one GPU, so their timings are not quoted. A variant is "FLAGS" or "FLAGS | TEACHER_FLAGS":
 # flags after the bar (label smoothing) reach the teacher alone, those before every run. The
 # grid is the CPU screen's levers (docs/RECIPE.md), each against the defaults (the CPU proxy's
-# best recipe: no translation, alternating flips, BN at 4x, ghost BatchNorm over 32 images with
-# SiLU), the defaults before issue 17 (old), each new lever taken back alone (translation by 4,
-# or by 2 as in the proxy's "light" recipe, which full width may need more; plain BatchNorm,
-# and with it ReLU: crop0, the proxy's recipe before ghost BatchNorm), and the step-size
+# best recipe: no translation, alternating flips, ghost BatchNorm over 32 images with SiLU,
+# frozen BN scales with BN biases at 16x), the defaults before issue 17 (old), each new lever
+# taken back alone (translation by 4, or by 2 as in the proxy's "light" recipe, which full
+# width may need more; learned BN scales at 4x: bn-scale; plain BatchNorm, and with it ReLU
+# and learned scales: crop0, the proxy's recipe before ghost BatchNorm), airbench's BN-bias
+# rate (bn-lr64), and the step-size
 # combinations the screen pointed at; every run also reports flip+translate test-time
 # augmentation at the end (--tta, beside the plain figures).
 set -uo pipefail
@@ -35,7 +37,7 @@ pack() {  # every small file under WORK (no checkpoints) into OUT/results.tgz
 }
 
 # before issue 17:
-OLD="--crop-pad 4 --pad-mode zeros --no-alternating-flip --bn-lr-factor 1 --ghost-batch-size 0 --activation relu"
+OLD="--crop-pad 4 --pad-mode zeros --no-alternating-flip --bn-lr-factor 1 --ghost-batch-size 0 --activation relu --bn-scale"
 declare -A VARIANTS=(
   [base]=""
   [old]="$OLD"
@@ -46,15 +48,15 @@ declare -A VARIANTS=(
   [lr2.4]="--learning-rate 2.4"
   [lr3.2]="--learning-rate 3.2"
   [ls0]="| --label-smoothing 0"
-  [bn-lr16-noscale]="--bn-lr-factor 16 --no-bn-scale"
+  [bn-scale]="--bn-scale"
+  [bn-lr64]="--bn-lr-factor 64"
   [b256]="--batch-size 256"
-  [b256-bn-lr16-noscale]="--batch-size 256 --bn-lr-factor 16 --no-bn-scale"
   [head-bn-lr0.25]="--head-lr-factor 0.25 --bn-lr-factor 0.25"
   [wd1e-3]="--weight-decay 1e-3"
   [ema0.99]="--ema-decay 0.99"
   [whiten2]="--whiten-patch 2"
   [no-ghost]="--ghost-batch-size 0"
-  [crop0]="--ghost-batch-size 0 --activation relu"
+  [crop0]="--ghost-batch-size 0 --activation relu --bn-scale"
   [cutout12]="--cutout 12"
   [keller]="--learning-rate 0.2 $OLD --pad-mode reflect --cutout 12 | --label-smoothing 0"
   [lr3.2-ema0.99]="--learning-rate 3.2 --ema-decay 0.99"

@@ -7,7 +7,7 @@ He fan-out initialisation, zero-padded random crop and mirror, the same normalis
 label smoothing, the first ``--train-subset`` training images; the defaults are kd-jax's, but
 its augmentation, BN rate, BatchNorm and activation are the ones before issue 17
 (``train_teacher.py --crop-pad 4 --pad-mode zeros --no-alternating-flip --bn-lr-factor 1
---ghost-batch-size 0 --activation relu``). Prints
+--ghost-batch-size 0 --activation relu --bn-scale``). Prints
 the per-epoch figures ``train_teacher.py`` prints, for a side-by-side look at two learning
 curves (one CPU thread, PyTorch's defaults otherwise).
 

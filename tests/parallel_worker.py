@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
@@ -137,7 +138,11 @@ def main() -> None:
     p.add_argument("--port", type=int, default=0)
     a = p.parse_args()
     if a.process_id is not None:
-        jax.distributed.initialize(f"localhost:{a.port}", a.num_processes, a.process_id)
+        # The shutdown barrier's timeout counts from the first process to finish; on a loaded
+        # CI machine jax's 300 s default was once too short. The test's own limit (600 s,
+        # run_processes) still ends a hung pair.
+        jax.distributed.initialize(f"localhost:{a.port}", a.num_processes, a.process_id,
+                                   shutdown_timeout_seconds=600)
     devices = jax.devices()[: a.devices or None]
     mesh = Mesh(np.array(devices), ("data",))
     out = {"devices": len(devices), "processes": jax.process_count()}
@@ -154,7 +159,9 @@ def main() -> None:
         make_predict(create_model("resnet8", 10, 4), AUGMENTATION, 6, mesh)
     except KdError as e:
         out["indivisible_error"] = str(e)
-    print("RESULT " + json.dumps(out))
+    # Leave together, so that neither process waits long at the shutdown barrier.
+    multihost_utils.sync_global_devices("results ready")
+    print("RESULT " + json.dumps(out), flush=True)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ existing run's files are byte-identical: inputs must be refused before anything 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import shutil
@@ -29,16 +30,16 @@ from kd_jax.cli.jobs import distill, train_teacher
 from kd_jax.cli.main import main
 from kd_jax.core import data
 from kd_jax.core.checkpoint import RunCheckpoints
-from kd_jax.core.models import create_model, init_variables
+from kd_jax.core.models import create_model, init_variables, model_options
 from kd_jax.core.optim import Recipe, make_optimizer
 from kd_jax.core.rundir import RunDir
 from kd_jax.core.steps import create_state
 from kd_jax.errors import KdError
 
 
-def _state_like(num_classes, model="resnet8", width=4):
+def _state_like(num_classes, model="resnet8", width=4, **options):
     """A train state of zeros, shaped by tracing alone: no compilation (values play no part)."""
-    model = create_model(model, num_classes, width)
+    model = create_model(model, num_classes, width, **options)
     tx, _ = make_optimizer(Recipe(0.1, weight_decay=0.0, warmup_fraction=0), 10)
     shapes = jax.eval_shape(lambda: init_variables(model, (32, 32, 3), 0))
     return create_state(model, jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), shapes), tx)
@@ -48,9 +49,10 @@ def make_run(path, num_classes=10, **config):
     """A finished-looking teacher run (config, metrics, an untrained checkpoint), no training;
     its config.json holds the resolved model options, as a real run's does."""
     config = TeacherConfig(**{"model": "resnet8", "width": 4, "workdir": str(path), **config})
-    config = with_model_recipe(config, config.model)
+    config = with_model_recipe(config)
     with RunDir.prepare(path, json.loads(to_json(config))) as run:
-        state = _state_like(num_classes, config.model, config.width)
+        state = _state_like(num_classes, config.model, config.width,
+                            **model_options(dataclasses.asdict(config)))
         checkpoints = RunCheckpoints(path)
         checkpoints.save(state, {}, is_best=True)
         checkpoints.close()
@@ -451,7 +453,7 @@ def test_resume_does_not_switch_to_a_newer_default_teacher(capsys, tmp_path, sav
     interrupted = DistillConfig(teachers=[str(older)], student="resnet8", student_width=4,
                                 batch_size=16, eval_batch_size=16, epochs=1,
                                 workdir=str(tmp_path / "student"))
-    interrupted = with_model_recipe(interrupted, interrupted.student)
+    interrupted = with_model_recipe(interrupted)
     RunDir.prepare(tmp_path / "student", json.loads(to_json(interrupted))).close()
     shutil.copytree(saved_run, Path("runs") / "teacher-20270101-000000")
     assert error_of(distill, DistillConfig, [*flags, "--resume"], capsys) == (

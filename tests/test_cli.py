@@ -39,10 +39,12 @@ def test_teacher_then_student_end_to_end(tiny_cifar, tmp_path):
     assert teacher.returncode == 0, teacher.stderr
     summary = json.loads((tmp_path / "t" / "summary.json").read_text())
     assert summary["model"] == "resnet8"
-    # What trained is recorded, and the logits below rebuild the net from it: SiLU, and plain
-    # BatchNorm since 40 images do not split into ghost batches of 32.
+    # What trained is recorded, and the logits below rebuild the net from it: SiLU, frozen BN
+    # scales with BN biases at 16x, and plain BatchNorm since 40 images do not split into
+    # ghost batches of 32.
     recorded = json.loads((tmp_path / "t" / "config.json").read_text())
-    assert (recorded["activation"], recorded["ghost_batch_size"]) == ("silu", 0)
+    assert (recorded["activation"], recorded["ghost_batch_size"], recorded["bn_scale"],
+            recorded["bn_lr_factor"]) == ("silu", 0, False, 16.0)
     teacher_logits = frozen_logits(tmp_path / "t", tiny_cifar)
     assert summary["test_accuracy"] == accuracy(teacher_logits["test"])
     assert summary["val_accuracy"] == accuracy(teacher_logits["val"])
@@ -128,29 +130,43 @@ def test_default_configs_state_the_defaults(name):
 
     cls = {"teacher": TeacherConfig, "distill": DistillConfig}[name]
     stated = load_yaml(REPO / "configs" / f"{name}.yaml", cls)
-    resolved = with_model_recipe(cls(), stated.get("model") or stated["student"])
+    resolved = with_model_recipe(cls())
     defaults = {key: getattr(resolved, key) for key in stated}
     assert stated == defaults
     assert defaults["learning_rate"] == 1.6
 
 
+RECIPE_OPTIONS = ("ghost_batch_size", "activation", "bn_scale", "bn_lr_factor")
+
+
 @pytest.mark.parametrize(("model", "batch_size", "chosen", "expected"), [
-    ("resnet18", 512, {}, (32, "silu")),
-    ("wrn_16_2", 64, {}, (32, "silu")),
-    ("vgg8", 96, {}, (32, "silu")),
-    ("resnet8", 40, {}, (0, "silu")),  # 40 images do not split into 32s: plain BatchNorm
-    ("mlp2", 512, {}, (0, "relu")),  # no BatchNorm, and ReLUs built in
-    ("resnet18", 512, {"ghost_batch_size": 0, "activation": "relu"}, (0, "relu")),
-    ("resnet18", 48, {"ghost_batch_size": 16, "activation": "gelu"}, (16, "gelu")),
+    ("resnet18", 512, {}, (32, "silu", False, 16.0)),
+    ("wrn_16_2", 64, {}, (32, "silu", False, 16.0)),
+    ("vgg8", 96, {}, (32, "silu", False, 16.0)),
+    # 40 images do not split into 32s: plain BatchNorm
+    ("resnet8", 40, {}, (0, "silu", False, 16.0)),
+    ("mlp2", 512, {}, (0, "relu", True, 4.0)),  # no BatchNorm, and ReLUs built in
+    ("resnet18", 512, {"ghost_batch_size": 0, "activation": "relu"}, (0, "relu", False, 16.0)),
+    ("resnet18", 48, {"ghost_batch_size": 16, "activation": "gelu"}, (16, "gelu", False, 16.0)),
+    ("resnet18", 512, {"bn_scale": True}, (32, "silu", True, 4.0)),  # the rate follows
+    ("resnet18", 512, {"bn_lr_factor": 64.0}, (32, "silu", False, 64.0)),
+    ("resnet18", 512, {"bn_scale": True, "bn_lr_factor": 1.0}, (32, "silu", True, 1.0)),
 ])
 def test_unset_model_options_follow_the_models_family(model, batch_size, chosen, expected):
     from kd_jax.cli.config import TeacherConfig, with_model_recipe
 
     config = TeacherConfig(model=model, batch_size=batch_size, **chosen)
-    resolved = with_model_recipe(config, model)
-    assert (resolved.ghost_batch_size, resolved.activation) == expected
-    assert resolved == TeacherConfig(model=model, batch_size=batch_size, ghost_batch_size=
-                                     expected[0], activation=expected[1])
+    resolved = with_model_recipe(config)
+    assert tuple(getattr(resolved, name) for name in RECIPE_OPTIONS) == expected
+    assert resolved == TeacherConfig(model=model, batch_size=batch_size,
+                                     **dict(zip(RECIPE_OPTIONS, expected, strict=True)))
+
+
+def test_a_students_recipe_follows_the_student_not_the_teacher():
+    from kd_jax.cli.config import DistillConfig, with_model_recipe
+
+    resolved = with_model_recipe(DistillConfig(student="mlp2", teacher_model="resnet18"))
+    assert tuple(getattr(resolved, name) for name in RECIPE_OPTIONS) == (0, "relu", True, 4.0)
 
 
 @pytest.mark.slow
@@ -200,8 +216,8 @@ def test_cifar100_configs_state_the_benchmarks_recipe(pair):
         assert (config.momentum, config.nesterov, config.warmup_fraction) == (0.9, False, 0.0)
         assert config.weight_decay == config.bn_weight_decay == 5e-4
         assert (config.crop_pad, config.pad_mode, config.flip, config.alternating_flip,
-                config.bn_lr_factor, config.ghost_batch_size, config.activation) == (
-            4, "zeros", True, False, 1.0, 0, "relu")
+                config.bn_lr_factor, config.bn_scale, config.ghost_batch_size,
+                config.activation) == (4, "zeros", True, False, 1.0, True, 0, "relu")
     assert (t_config.model, t_config.label_smoothing) == (teacher, 0.0)
     assert (s_config.teacher_model, s_config.student) == (teacher, student)
     assert {teacher, student} <= set(MODELS)

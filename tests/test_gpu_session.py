@@ -81,7 +81,8 @@ def test_every_variant_is_screened_on_validation_with_its_flags_and_no_bar(sessi
     assert recipe["lr3.2"].learning_rate == 3.2
     assert recipe["ls0"].label_smoothing == 0
     before_issue_17 = {"crop_pad": 4, "pad_mode": "zeros", "alternating_flip": False,
-                       "bn_lr_factor": 1.0, "ghost_batch_size": 0, "activation": "relu"}
+                       "bn_lr_factor": 1.0, "ghost_batch_size": 0, "activation": "relu",
+                       "bn_scale": True}
     assert augmentation(recipe["old"]) == before_issue_17
     assert augmentation(recipe["base"]) == augmentation(config.TeacherConfig())
     assert augmentation(recipe["randflip"]) == {**augmentation(recipe["base"]),
@@ -89,7 +90,10 @@ def test_every_variant_is_screened_on_validation_with_its_flags_and_no_bar(sessi
     assert augmentation(recipe["no-ghost"]) == {**augmentation(recipe["base"]),
                                                 "ghost_batch_size": 0}
     assert augmentation(recipe["crop0"]) == {**augmentation(recipe["base"]),
-                                             "ghost_batch_size": 0, "activation": "relu"}
+                                             "ghost_batch_size": 0, "activation": "relu",
+                                             "bn_scale": True, "bn_lr_factor": 4.0}
+    assert augmentation(recipe["bn-scale"]) == {**augmentation(recipe["base"]),
+                                                "bn_scale": True, "bn_lr_factor": 4.0}
     for pad in (2, 4):
         assert augmentation(recipe[f"crop{pad}"]) == {**augmentation(recipe["base"]),
                                                       "crop_pad": pad}
@@ -106,10 +110,10 @@ def teacher_config(args: list[str]) -> config.TeacherConfig:
 
 def augmentation(recipe: config.TeacherConfig) -> dict:
     """The settings issue 17 changed, as the run fills them in for its model."""
-    resolved = config.with_model_recipe(recipe, recipe.model)
+    resolved = config.with_model_recipe(recipe)
     return {name: getattr(resolved, name)
             for name in ("crop_pad", "pad_mode", "alternating_flip", "bn_lr_factor",
-                         "ghost_batch_size", "activation")}
+                         "bn_scale", "ghost_batch_size", "activation")}
 
 
 def test_the_pick_is_the_best_validation_accuracy_and_its_teacher_flags_reach_teachers_only(

@@ -221,7 +221,7 @@ class _Job:
 
 def train_teacher(config: TeacherConfig, hooks: Sequence[Hook] = ()) -> dict:
     """Train a model on labels with cross-entropy; returns (and writes) the summary."""
-    job = _Job(with_model_recipe(config, config.model), "teacher")
+    job = _Job(with_model_recipe(config), "teacher")
     model = job.model(config.model, config.width)
     with job.open_run(len(job.train_labels)):
         _, history = api.train(
@@ -302,7 +302,7 @@ def distill(config: DistillConfig, hooks: Sequence[Hook] = ()) -> dict:
     if not config.teachers:
         # Record which teacher "the latest" was: a --resume must not pick up a newer one.
         config = dataclasses.replace(config, teachers=[str(latest_run("teacher"))])
-    job = _Job(with_model_recipe(config, config.student), "distill")
+    job = _Job(with_model_recipe(config), "distill")
     student = job.model(config.student, config.student_width)
     loss = config.distill_loss()
     omit = left_out_classes(job.dataset, config)
