@@ -278,7 +278,9 @@ class _Run:
     def fit(self, step: Any, arrays: tuple, evaluators: list, workdir: Any, config: dict,
             resume: bool, overwrite: bool, every: int, hooks: Sequence[Hook], progress: bool,
             steps_per_dispatch: int, summary: Callable | None) -> tuple[TrainState, History]:
-        initial = create_state(self.model, self.variables, self.tx, self.recipe.ema_decay)
+        recipe = self.recipe
+        initial = create_state(self.model, self.variables, self.tx, recipe.ema_decay,
+                               recipe.lookahead_steps, recipe.lookahead_alpha)
         with _opened(workdir, config, resume, overwrite) as run:
             best = "val_accuracy" if any(name == "val" for name, _, _ in self.eval_sets) else None
             all_hooks = [*hooks]

@@ -46,7 +46,8 @@ def model_state(**settings):
     variables = init_variables(model, (32, 32, 3), 0)
     recipe = Recipe(learning_rate=1.0, momentum=0.0, warmup_fraction=0, final_lr_factor=1.0,
                     **settings)
-    return create_state(model, variables, make_optimizer(recipe, 10)[0], recipe.ema_decay)
+    return create_state(model, variables, make_optimizer(recipe, 10)[0], recipe.ema_decay,
+                        recipe.lookahead_steps, recipe.lookahead_alpha)
 
 
 def flat(tree) -> dict:
@@ -107,6 +108,37 @@ def test_ema_of_weights_and_statistics_follows_the_ramped_decay():
     for name, average in flat(state.ema_params).items():
         np.testing.assert_allclose(np.asarray(average), expected[name], rtol=1e-5, atol=1e-6)
     assert state.inference_variables()["params"] is state.ema_params
+
+
+def test_lookahead_syncs_slow_and_fast_weights_every_k_steps():
+    """Zhang et al. 2019, Algorithm 1, on parameters and BatchNorm statistics alike: k fast
+    steps, then slow += alpha (fast - slow) and fast = slow. Every step here moves each
+    trained parameter by -1 (SGD, lr 1, unit gradients, no decay) and each statistic by +1;
+    the frozen whitening layer never moves."""
+    k, alpha, steps = 3, 0.25, 7
+    state = model_state(weight_decay=0.0, lookahead_steps=k, lookahead_alpha=alpha)
+    grads = jax.tree.map(jnp.ones_like, state.params)
+    fast = {**{f"params/{n}": np.asarray(p) for n, p in flat(state.params).items()},
+            **{f"stats/{n}": np.asarray(s) for n, s in flat(state.batch_stats).items()}}
+    slow = dict(fast)
+    for t in range(1, steps + 1):
+        stats = jax.tree.map(lambda s: s + 1.0, state.batch_stats)
+        state = state.apply_gradients(grads=grads, batch_stats=stats)
+        for name in fast:
+            frozen = name.startswith("params/Whitening")
+            fast[name] = fast[name] + (0.0 if frozen else 1.0 if name[0] == "s" else -1.0)
+            if t % k == 0:
+                slow[name] = slow[name] + alpha * (fast[name] - slow[name])
+                fast[name] = slow[name]
+    for kind, tree, expected in (("params", state.params, fast), ("stats", state.batch_stats, fast),
+                                 ("params", state.slow_params, slow),
+                                 ("stats", state.slow_batch_stats, slow)):
+        for name, value in flat(tree).items():
+            np.testing.assert_allclose(np.asarray(value), expected[f"{kind}/{name}"],
+                                       rtol=1e-6, atol=1e-6, err_msg=name)
+    # After 7 steps the fast weights have moved one step past the second sync.
+    bias, slow_bias = (flat(tree)["Dense_0/bias"] for tree in (state.params, state.slow_params))
+    assert not np.allclose(bias, slow_bias)
 
 
 def values(schedule, steps):

@@ -54,6 +54,8 @@ class RunConfig:
     bias_lr_factor: float = 1.0  # the other biases
     bn_weight_decay: float = 0.0  # weight decay of BatchNorm scales and biases
     ema_decay: float = 0.0  # > 0: evaluate and ship an exponential moving average of the weights
+    lookahead_steps: int = 0  # > 0: lookahead (Zhang et al. 2019): sync slow weights every N steps
+    lookahead_alpha: float = 0.5  # lookahead: how far the slow weights move towards the fast
     dtype: str = "auto"  # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU
     # The translation and flips default to issue 17's CPU proxy (docs/RECIPE.md):
     # alternating flips and BN at 4x with no translation beat a zero-padded 4-pixel crop, random
@@ -110,6 +112,10 @@ class RunConfig:
               for name in ("bn_lr_factor", "head_lr_factor", "bias_lr_factor",
                            "bn_weight_decay", "cutout", "whiten_patch")),
             (0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}"),
+            (self.lookahead_steps >= 0,
+             f"lookahead_steps must be >= 0, got {self.lookahead_steps}"),
+            (0 < self.lookahead_alpha <= 1,
+             f"lookahead_alpha must be in (0, 1], got {self.lookahead_alpha}"),
             (self.pad_mode in PAD_MODES,
              f"pad_mode must be {' or '.join(PAD_MODES)}, got {self.pad_mode!r}"),
             (self.tta in TTA_MODES, f"tta must be one of {', '.join(TTA_MODES)}, got {self.tta!r}"),

@@ -60,15 +60,27 @@ class TrainState(train_state.TrainState):
     checkpoints' frozen restore and export then use the average (Polyak averaging; airbench
     and Page's ResNet-9 gain 0.2-0.3 points from it in short runs). The decay ramps up as
     ``min(decay, (1 + step) / (10 + step))``, so the first steps' weights do not dominate.
+
+    With ``lookahead_steps > 0`` it keeps slow weights too (Zhang et al. 2019's lookahead;
+    airbench gains about 1.5 of 13.5 epochs from it): after every ``lookahead_steps`` steps the
+    slow parameters and BatchNorm statistics move ``lookahead_alpha`` of the way to the fast
+    ones, and the fast ones restart from there; the optimizer's momentum carries on. The
+    fast weights are the trained model (the EMA, if kept, averages them).
     """
 
     batch_stats: Any = None
     ema_params: Any = None
     ema_batch_stats: Any = None
+    slow_params: Any = None
+    slow_batch_stats: Any = None
     ema_decay: float = struct.field(pytree_node=False, default=0.0)
+    lookahead_steps: int = struct.field(pytree_node=False, default=0)
+    lookahead_alpha: float = struct.field(pytree_node=False, default=0.5)
 
     def apply_gradients(self, *, grads: Any, **kwargs: Any) -> TrainState:
         new = super().apply_gradients(grads=grads, **kwargs)
+        if self.lookahead_steps:
+            new = new._look_ahead()
         if not self.ema_decay:
             return new
         decay = jnp.minimum(self.ema_decay, (1.0 + self.step) / (10.0 + self.step))
@@ -76,6 +88,19 @@ class TrainState(train_state.TrainState):
         return new.replace(ema_params=jax.tree.map(average, self.ema_params, new.params),
                            ema_batch_stats=jax.tree.map(average, self.ema_batch_stats,
                                                         new.batch_stats))
+
+    def _look_ahead(self) -> TrainState:
+        """The slow and fast weights after a step: unchanged, or synchronised where the step
+        count is a multiple of ``lookahead_steps``."""
+        sync = self.step % self.lookahead_steps == 0
+        toward = lambda slow, fast: jnp.where(sync, slow + self.lookahead_alpha * (fast - slow),
+                                              slow)
+        slow_params = jax.tree.map(toward, self.slow_params, self.params)
+        slow_stats = jax.tree.map(toward, self.slow_batch_stats, self.batch_stats)
+        restart = lambda slow, fast: jnp.where(sync, slow, fast)
+        return self.replace(params=jax.tree.map(restart, slow_params, self.params),
+                            batch_stats=jax.tree.map(restart, slow_stats, self.batch_stats),
+                            slow_params=slow_params, slow_batch_stats=slow_stats)
 
     def inference_variables(self) -> dict:
         """The variables to evaluate and ship: the average when one is kept, and never a
@@ -87,12 +112,18 @@ class TrainState(train_state.TrainState):
 
 
 def create_state(model: nn.Module, variables: dict, tx: optax.GradientTransformation,
-                 ema_decay: float = 0.0) -> TrainState:
+                 ema_decay: float = 0.0, lookahead_steps: int = 0,
+                 lookahead_alpha: float = 0.5) -> TrainState:
+    """The state at step 0; the EMA and the slow weights (where kept) start at ``variables``."""
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
-    average = lambda tree: jax.tree.map(jnp.copy, tree) if ema_decay else {}
+    copy = lambda kept, tree: jax.tree.map(jnp.copy, tree) if kept else {}
     return TrainState.create(apply_fn=model.apply, params=params, tx=tx, batch_stats=batch_stats,
-                             ema_params=average(params), ema_batch_stats=average(batch_stats),
-                             ema_decay=ema_decay)
+                             ema_params=copy(ema_decay, params),
+                             ema_batch_stats=copy(ema_decay, batch_stats),
+                             slow_params=copy(lookahead_steps, params),
+                             slow_batch_stats=copy(lookahead_steps, batch_stats),
+                             ema_decay=ema_decay, lookahead_steps=lookahead_steps,
+                             lookahead_alpha=lookahead_alpha)
 
 
 def _apply_train(state: TrainState, params: Any, images: jax.Array, rng: jax.Array,
