@@ -14,10 +14,17 @@ work done than the wall clock. FLOPs are XLA's cost analysis of one step (before
 so fusion does not hide any), per image; achieved FLOP/s is that times images per second. The
 PyTorch side runs no augmentation and no gather: the comparison favours PyTorch slightly.
 
+``--net`` picks the JAX networks: ``plain`` is ``create_model``'s (ReLU, BatchNorm over the
+whole batch with learned scales: the PyTorch twin's network, which the ratios compare against),
+``recipe`` the one ``train_teacher.py`` and ``distill.py`` train by default (SiLU, ghost
+BatchNorm over groups of 32, frozen scales; ``kd_jax.cli.config.with_model_recipe``): what the
+default recipe costs in images per second.
+
     python benchmarks/throughput.py --compare-torch                      # CPU defaults
     python benchmarks/throughput.py --batch-size 512 --steps-per-dispatch 1,10 --compare-torch
     python benchmarks/throughput.py --model resnet8 --width 4 --batch-size 32  # dispatch cost
     python benchmarks/throughput.py --dtype float32,bfloat16 --what teacher  # both, one run
+    python benchmarks/throughput.py --net plain,recipe --batch-size 512 --what teacher
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,12 +53,13 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from kd_jax.cli import runtime  # noqa: E402
+from kd_jax.cli.config import TeacherConfig, with_model_recipe  # noqa: E402
 from kd_jax.core.augment import Augmentation  # noqa: E402
 from kd_jax.core.conv import CpuConv  # noqa: E402
 from kd_jax.core.data import CIFAR10_MEAN, CIFAR10_STD  # noqa: E402
 from kd_jax.core.devices import check_divisible, compute_dtype, make_mesh  # noqa: E402
 from kd_jax.core.evaluation import make_predict  # noqa: E402
-from kd_jax.core.models import create_model, init_variables  # noqa: E402
+from kd_jax.core.models import create_model, init_variables, model_options  # noqa: E402
 from kd_jax.core.optim import Recipe, make_optimizer  # noqa: E402
 from kd_jax.core.steps import (  # noqa: E402
     create_state,
@@ -67,6 +75,16 @@ TEMPERATURE = 4.0
 KINDS = ("teacher", "distill", "eval")
 # kd: kd_jax's CPU convolution (im2col kernel gradient, bf16 matrix products); xla: XLA's own
 CONVS = {"kd": CpuConv, "xla": nn.Conv}
+NETS = ("plain", "recipe")
+
+
+def net_options(net: str, model: str, batch_size: int) -> dict:
+    """``create_model``'s options for ``net``: none (plain), or those the jobs fill in for
+    ``model`` at ``batch_size`` when no flag sets them (recipe)."""
+    if net == "plain":
+        return {}
+    resolved = with_model_recipe(TeacherConfig(model=model, batch_size=batch_size))
+    return model_options(asdict(resolved))
 
 
 @dataclass
@@ -79,6 +97,7 @@ class Case:
     run: Callable[[int], None]
     images_per_dispatch: int
     compile_seconds: float
+    net: str = "plain"  # the JAX network (NETS); torch runs the plain one
     flops_per_image: float | None = None
     dispatch_seconds: float | None = None  # host cost of one call of a no-op with the same args
     seconds_per_dispatch: list[float] = field(default_factory=list)
@@ -96,6 +115,7 @@ class Case:
         flops = self.flops_per_image
         spread = [self.images_per_dispatch / s for s in self.seconds_per_dispatch]
         return {"kind": self.kind, "framework": self.framework, "variant": self.variant,
+                "net": self.net,
                 "images_per_second": ips, "images_per_second_min": min(spread),
                 "images_per_second_max": max(spread), "compile_seconds": self.compile_seconds,
                 "gflops_per_image": None if flops is None else flops / 1e9,
@@ -145,12 +165,13 @@ def _dispatch_seconds(args: tuple, repeats: int = 200) -> float:
     return statistics.median(times)
 
 
-def _train_step(kind: str, a: argparse.Namespace, dtype: np.dtype, conv: type,
+def _train_step(kind: str, a: argparse.Namespace, dtype: np.dtype, conv: type, net: str,
                 arrays: tuple, replicated: NamedSharding) -> tuple:
     """(step, initial state, the step's arrays) of a teacher or distill case, built with
     ``conv`` as every model's convolution."""
     tx, _ = make_optimizer(Recipe(0.1, weight_decay=5e-4, warmup_fraction=0), 10**6)
-    build = lambda name, width: create_model(name, NUM_CLASSES, width, dtype, conv=conv)
+    build = lambda name, width: create_model(name, NUM_CLASSES, width, dtype, conv=conv,
+                                             **net_options(net, name, a.batch_size))
     if kind == "teacher":
         model = build(a.model, a.width)
         step, arrays = make_teacher_step(), arrays
@@ -164,7 +185,7 @@ def _train_step(kind: str, a: argparse.Namespace, dtype: np.dtype, conv: type,
 
 
 def jax_train_case(kind: str, a: argparse.Namespace, spd: int, dtype: np.dtype,
-                   conv: str) -> Case:
+                   conv: str, net: str) -> Case:
     """A teacher or distill dispatch of ``spd`` steps through ``run_steps``, compiled."""
     mesh = make_mesh()
     check_divisible(a.batch_size, mesh)
@@ -173,11 +194,12 @@ def jax_train_case(kind: str, a: argparse.Namespace, spd: int, dtype: np.dtype,
     replicated = NamedSharding(mesh, P())
     images = jax.device_put(rng.integers(0, 256, (n, *IMAGE_SHAPE), np.uint8), replicated)
     labels = jax.device_put(rng.integers(0, NUM_CLASSES, n).astype(np.int32), replicated)
-    step, state, arrays = _train_step(kind, a, dtype, CONVS[conv], (images, labels), replicated)
+    step, state, arrays = _train_step(kind, a, dtype, CONVS[conv], net, (images, labels),
+                                      replicated)
     key = jax.random.key(0)
     order = epoch_order(key, 0, n, a.batch_size, spd)
     call_args = (step, state, arrays, order, np.int32(spd), np.int32(0), key)
-    counted, counted_state, _ = _train_step(kind, a, dtype, nn.Conv, arrays, replicated)
+    counted, counted_state, _ = _train_step(kind, a, dtype, nn.Conv, net, arrays, replicated)
     batch = tuple(x[: a.batch_size] for x in arrays)
     flops = _flops(lambda s, *b: counted(s, *b), counted_state, *batch, key)
     dispatch = _dispatch_seconds(call_args)
@@ -196,15 +218,17 @@ def jax_train_case(kind: str, a: argparse.Namespace, spd: int, dtype: np.dtype,
         jax.block_until_ready((state, metrics))
         holder[0] = state
 
-    return Case(kind, "jax", f"spd={spd}", run, n, compile_seconds,
+    return Case(kind, "jax", f"spd={spd}", run, n, compile_seconds, net,
                 None if flops is None else flops / a.batch_size, dispatch)
 
 
-def jax_eval_case(a: argparse.Namespace, spd: int, dtype: np.dtype, conv: str) -> Case:
+def jax_eval_case(a: argparse.Namespace, spd: int, dtype: np.dtype, conv: str,
+                  net: str) -> Case:
     """``make_predict`` over ``spd`` batches per dispatch (a forward: the convolution choice
     changes no FLOP count)."""
     mesh = make_mesh()
-    model = create_model(a.model, NUM_CLASSES, a.width, dtype, conv=CONVS[conv])
+    model = create_model(a.model, NUM_CLASSES, a.width, dtype, conv=CONVS[conv],
+                         **net_options(net, a.model, a.batch_size))
     augmentation = Augmentation(4, True, CIFAR10_MEAN, CIFAR10_STD)
     predict = make_predict(model, augmentation, a.batch_size, mesh)
     replicated = NamedSharding(mesh, P())
@@ -225,7 +249,7 @@ def jax_eval_case(a: argparse.Namespace, spd: int, dtype: np.dtype, conv: str) -
             out = compiled(variables, images)
         jax.block_until_ready(out)
 
-    return Case("eval", "jax", f"spd={spd}", run, n, compile_seconds,
+    return Case("eval", "jax", f"spd={spd}", run, n, compile_seconds, net,
                 None if flops is None else flops / a.batch_size, dispatch)
 
 
@@ -329,7 +353,8 @@ def measure(cases: list[Case], images: int, repeats: int) -> None:
 
 def same_network(rows: list[dict]) -> None:
     """Give torch rows the FLOPs XLA counted for the same network and kind."""
-    flops = {r["kind"]: r["gflops_per_image"] for r in rows if r["framework"] == "jax"}
+    flops = {r["kind"]: r["gflops_per_image"] for r in rows
+             if r["framework"] == "jax" and r["net"] == "plain"}
     for r in rows:
         if r["framework"] == "torch" and flops.get(r["kind"]) is not None:
             r["gflops_per_image"] = flops[r["kind"]]
@@ -352,10 +377,11 @@ def environment() -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    """Fixed-width table; each torch row carries JAX's best same-kind speed as a ratio."""
+    """Fixed-width table; each row carries JAX's best same-kind speed on the plain network (the
+    PyTorch twin's) as a ratio to its own."""
     best_jax = {}
     for r in rows:
-        if r["framework"] == "jax":
+        if r["framework"] == "jax" and r["net"] == "plain":
             best_jax[r["kind"]] = max(best_jax.get(r["kind"], 0.0), r["images_per_second"])
     head = (f"{'case':<34}{'img/s':>9}{'min':>8}{'max':>8}{'compile s':>11}{'GFLOP/img':>11}"
             f"{'TFLOP/s':>9}{'CPU ms/img':>11}{'cores':>7}{'dispatch':>10}{'jax/this':>10}")
@@ -391,6 +417,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--conv", default="kd",
                    help="comma list of JAX convolutions to time: kd (kd_jax.conv) and/or xla "
                         "(plain lax.conv_general_dilated, what kd-jax used before)")
+    p.add_argument("--net", default="plain",
+                   help="comma list of JAX networks: plain (the PyTorch twin's) and/or recipe "
+                        "(the jobs' default SiLU, ghost BatchNorm and frozen scales)")
     p.add_argument("--compare-torch", action="store_true")
     p.add_argument("--torch-variants", default=None,
                    help="comma list of eager | channels_last | bf16 | compile joined by '+' "
@@ -404,6 +433,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--what takes {', '.join(KINDS)}")
     a.spds = [int(s) for s in a.steps_per_dispatch.split(",")]
     a.convs = a.conv.split(",")
+    a.nets = a.net.split(",")
+    if set(a.nets) - set(NETS):
+        p.error(f"--net takes {', '.join(NETS)}")
     if set(a.convs) - set(CONVS):
         p.error(f"--conv takes {', '.join(CONVS)}")
     if set(a.dtype.split(",")) - {"auto", "float32", "bfloat16"}:
@@ -424,13 +456,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{a.model} width {a.width}, student {a.student} width {a.student_width}, "
           f"batch {a.batch_size}, dtype {', '.join(d.name for d in a.dtypes)}", flush=True)
     cases = []
-    for conv, dtype in itertools.product(a.convs, a.dtypes):
+    for conv, dtype, net in itertools.product(a.convs, a.dtypes, a.nets):
         for kind in a.kinds:
             for spd in a.spds:
-                case = (jax_eval_case(a, spd, dtype, conv) if kind == "eval"
-                        else jax_train_case(kind, a, spd, dtype, conv))
+                case = (jax_eval_case(a, spd, dtype, conv, net) if kind == "eval"
+                        else jax_train_case(kind, a, spd, dtype, conv, net))
                 case.variant += "" if len(a.dtypes) == 1 else f" {dtype.name}"
                 case.variant += "" if conv == "kd" else f" conv={conv}"
+                case.variant += "" if net == "plain" else f" net={net}"
                 cases.append(case)
                 print(f"compiled {case.name} in {case.compile_seconds:.1f} s", flush=True)
     if a.compare_torch:
