@@ -47,8 +47,8 @@ class RunConfig:
     nesterov: bool = True  # false: PyTorch's default momentum, as RepDistiller and mdistiller
     weight_decay: float = 5e-4  # applied to kernels only, not to BN scales or biases
     # Learning-rate factors by parameter group (kd_jax.core.optim.param_group):
-    # BatchNorm scales and biases (airbench drives BN biases 64x). Unset: 16 where the scales
-    # are frozen, else 4 (see with_model_recipe).
+    # BatchNorm scales and biases (airbench drives BN biases 64x; at this peak rate 64x
+    # diverged on the proxy). Unset: 16 where the scales are frozen, else 4 (with_model_recipe).
     bn_lr_factor: float | None = None
     head_lr_factor: float = 1.0  # the final dense layer
     bias_lr_factor: float = 1.0  # the other biases
