@@ -184,7 +184,9 @@ def with_model_recipe(config: TeacherConfig | DistillConfig) -> TeacherConfig | 
         splits = config.batch_size % CONVNET_GHOST_BATCH == 0
         ghost = CONVNET_GHOST_BATCH if convnet and splits else 0
     activation = config.activation or (CONVNET_ACTIVATION if convnet else "relu")
-    bn_scale = config.bn_scale if config.bn_scale is not None else not convnet or CONVNET_BN_SCALE
+    bn_scale = config.bn_scale
+    if bn_scale is None:
+        bn_scale = CONVNET_BN_SCALE if convnet else True  # an MLP has no BatchNorm to freeze
     bn_lr_factor = config.bn_lr_factor if config.bn_lr_factor is not None \
         else BN_LR_FACTOR[bn_scale]
     return dataclasses.replace(config, ghost_batch_size=ghost, activation=activation,
