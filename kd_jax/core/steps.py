@@ -91,16 +91,20 @@ class TrainState(train_state.TrainState):
 
     def _look_ahead(self) -> TrainState:
         """The slow and fast weights after a step: unchanged, or synchronised where the step
-        count is a multiple of ``lookahead_steps``."""
-        sync = self.step % self.lookahead_steps == 0
-        toward = lambda slow, fast: jnp.where(sync, slow + self.lookahead_alpha * (fast - slow),
-                                              slow)
-        slow_params = jax.tree.map(toward, self.slow_params, self.params)
-        slow_stats = jax.tree.map(toward, self.slow_batch_stats, self.batch_stats)
-        restart = lambda slow, fast: jnp.where(sync, slow, fast)
-        return self.replace(params=jax.tree.map(restart, slow_params, self.params),
-                            batch_stats=jax.tree.map(restart, slow_stats, self.batch_stats),
-                            slow_params=slow_params, slow_batch_stats=slow_stats)
+        count is a multiple of ``lookahead_steps``. A ``lax.cond``, so that only the sync steps
+        compute the averages: a ``jnp.where`` would compute them on every step."""
+        def sync(trees: tuple) -> tuple:
+            params, stats, slow_params, slow_stats = trees
+            toward = lambda slow, fast: slow + self.lookahead_alpha * (fast - slow)
+            slow_params = jax.tree.map(toward, slow_params, params)
+            slow_stats = jax.tree.map(toward, slow_stats, stats)
+            return slow_params, slow_stats, slow_params, slow_stats
+
+        trees = (self.params, self.batch_stats, self.slow_params, self.slow_batch_stats)
+        params, stats, slow_params, slow_stats = jax.lax.cond(
+            self.step % self.lookahead_steps == 0, sync, lambda unchanged: unchanged, trees)
+        return self.replace(params=params, batch_stats=stats, slow_params=slow_params,
+                            slow_batch_stats=slow_stats)
 
     def inference_variables(self) -> dict:
         """The variables to evaluate and ship: the average when one is kept, and never a
