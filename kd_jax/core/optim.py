@@ -55,6 +55,10 @@ class Recipe:
     makes scale-invariant (airbench drives BN biases 64x). Weight decay applies to kernels
     (the head's included) and, with ``bn_weight_decay``, to BatchNorm parameters; never to
     other biases.
+
+    The defaults drive every group alike, because they must suit any model a user brings. The
+    CLI jobs' CIFAR recipe drives BN biases at 16x instead, but only because it also freezes
+    the ResNets' BN scales (``with_model_recipe`` in kd_jax.cli.config; docs/RECIPE.md).
     """
 
     learning_rate: float = 1.6
