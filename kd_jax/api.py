@@ -279,8 +279,9 @@ class _Run:
             resume: bool, overwrite: bool, every: int, hooks: Sequence[Hook], progress: bool,
             steps_per_dispatch: int, summary: Callable | None) -> tuple[TrainState, History]:
         recipe = self.recipe
+        ramp_steps = self.epochs * self.steps_per_epoch if recipe.lookahead_ramp else 0
         initial = create_state(self.model, self.variables, self.tx, recipe.ema_decay,
-                               recipe.lookahead_steps, recipe.lookahead_alpha)
+                               recipe.lookahead_steps, recipe.lookahead_alpha, ramp_steps)
         with _opened(workdir, config, resume, overwrite) as run:
             best = "val_accuracy" if any(name == "val" for name, _, _ in self.eval_sets) else None
             all_hooks = [*hooks]

@@ -47,7 +47,8 @@ def model_state(**settings):
     recipe = Recipe(learning_rate=1.0, momentum=0.0, warmup_fraction=0, final_lr_factor=1.0,
                     **settings)
     return create_state(model, variables, make_optimizer(recipe, 10)[0], recipe.ema_decay,
-                        recipe.lookahead_steps, recipe.lookahead_alpha)
+                        recipe.lookahead_steps, recipe.lookahead_alpha,
+                        10 if recipe.lookahead_ramp else 0)
 
 
 def flat(tree) -> dict:
@@ -110,13 +111,16 @@ def test_ema_of_weights_and_statistics_follows_the_ramped_decay():
     assert state.inference_variables()["params"] is state.ema_params
 
 
-def test_lookahead_syncs_slow_and_fast_weights_every_k_steps():
+@pytest.mark.parametrize("ramp", [False, True])
+def test_lookahead_syncs_slow_and_fast_weights_every_k_steps(ramp):
     """Zhang et al. 2019, Algorithm 1, on parameters and BatchNorm statistics alike: k fast
-    steps, then slow += alpha (fast - slow) and fast = slow. Every step here moves each
-    trained parameter by -1 (SGD, lr 1, unit gradients, no decay) and each statistic by +1;
-    the frozen whitening layer never moves."""
+    steps, then slow += alpha (fast - slow) and fast = slow; with the ramp, over a run of 10
+    steps, the alpha of step t is airbench94's 1 - (1 - alpha) (t / 10)^3. Every step here
+    moves each trained parameter by -1 (SGD, lr 1, unit gradients, no decay) and each
+    statistic by +1; the frozen whitening layer never moves."""
     k, alpha, steps = 3, 0.25, 7
-    state = model_state(weight_decay=0.0, lookahead_steps=k, lookahead_alpha=alpha)
+    state = model_state(weight_decay=0.0, lookahead_steps=k, lookahead_alpha=alpha,
+                        lookahead_ramp=ramp)
     grads = jax.tree.map(jnp.ones_like, state.params)
     fast = {**{f"params/{n}": np.asarray(p) for n, p in flat(state.params).items()},
             **{f"stats/{n}": np.asarray(s) for n, s in flat(state.batch_stats).items()}}
@@ -128,7 +132,8 @@ def test_lookahead_syncs_slow_and_fast_weights_every_k_steps():
             frozen = name.startswith("params/Whitening")
             fast[name] = fast[name] + (0.0 if frozen else 1.0 if name[0] == "s" else -1.0)
             if t % k == 0:
-                slow[name] = slow[name] + alpha * (fast[name] - slow[name])
+                alpha_t = 1 - (1 - alpha) * (t / 10) ** 3 if ramp else alpha
+                slow[name] = slow[name] + alpha_t * (fast[name] - slow[name])
                 fast[name] = slow[name]
     for kind, tree, expected in (("params", state.params, fast), ("stats", state.batch_stats, fast),
                                  ("params", state.slow_params, slow),

@@ -169,8 +169,10 @@ def params_of(workdir):
 
 
 # Lookahead's slow weights and the EMA are state of their own, which a checkpoint must carry:
-# 3 does not divide an epoch's steps, so the crash falls between two syncs.
-@pytest.mark.parametrize("averaging", [{}, {"lookahead_steps": 3, "ema_decay": 0.9}])
+# 3 does not divide an epoch's steps, so the crash falls between two syncs; the ramp makes
+# the sync depend on the step count too.
+@pytest.mark.parametrize("averaging", [{}, {"lookahead_steps": 3, "lookahead_ramp": True,
+                                            "ema_decay": 0.9}])
 def test_resumed_run_equals_uninterrupted_run(tiny_cifar, tmp_path, monkeypatch, averaging):
     jobs.train_teacher(teacher_config(tiny_cifar, tmp_path / "straight", **averaging))
 

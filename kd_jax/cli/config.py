@@ -56,6 +56,7 @@ class RunConfig:
     ema_decay: float = 0.0  # > 0: evaluate and ship an exponential moving average of the weights
     lookahead_steps: int = 0  # > 0: lookahead (Zhang et al. 2019): sync slow weights every N steps
     lookahead_alpha: float = 0.5  # lookahead: how far the slow weights move towards the fast
+    lookahead_ramp: bool = False  # lookahead: ramp that from 1 to lookahead_alpha (airbench94)
     dtype: str = "auto"  # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU
     # The translation and flips default to issue 17's CPU proxy (docs/RECIPE.md):
     # alternating flips and BN at 4x with no translation beat a zero-padded 4-pixel crop, random
@@ -116,6 +117,8 @@ class RunConfig:
              f"lookahead_steps must be >= 0, got {self.lookahead_steps}"),
             (0 < self.lookahead_alpha <= 1,
              f"lookahead_alpha must be in (0, 1], got {self.lookahead_alpha}"),
+            (self.lookahead_steps > 0 or not self.lookahead_ramp,
+             "lookahead_ramp needs lookahead_steps > 0"),
             (self.pad_mode in PAD_MODES,
              f"pad_mode must be {' or '.join(PAD_MODES)}, got {self.pad_mode!r}"),
             (self.tta in TTA_MODES, f"tta must be one of {', '.join(TTA_MODES)}, got {self.tta!r}"),

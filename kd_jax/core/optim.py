@@ -74,6 +74,7 @@ class Recipe:
     ema_decay: float = 0.0  # > 0: evaluate and ship an average of the weights (TrainState)
     lookahead_steps: int = 0  # > 0: lookahead's slow weights sync every N steps (TrainState)
     lookahead_alpha: float = 0.5  # how far the slow weights move towards the fast ones then
+    lookahead_ramp: bool = False  # ramp that fraction from 1 down to lookahead_alpha (airbench94)
     lr_schedule: str = "linear"  # after the warmup: "linear" decay or "step" decay
     lr_decay_epochs: tuple[int, ...] = ()  # "step": the epochs the rate drops at
     lr_decay_factor: float = 0.1  # "step": what it is multiplied by at each

@@ -65,7 +65,10 @@ class TrainState(train_state.TrainState):
     airbench gains about 1.5 of 13.5 epochs from it): after every ``lookahead_steps`` steps the
     slow parameters and BatchNorm statistics move ``lookahead_alpha`` of the way to the fast
     ones, and the fast ones restart from there; the optimizer's momentum carries on. The
-    fast weights are the trained model (the EMA, if kept, averages them).
+    fast weights are the trained model (the EMA, if kept, averages them). With
+    ``lookahead_ramp_steps = T > 0`` the fraction moved at step ``t`` is airbench94's ramp,
+    ``1 - (1 - lookahead_alpha) (t / T)^3``: no averaging early, where Zhang's constant alpha
+    slows the fast progress of the high learning rates, and the most at the end.
     """
 
     batch_stats: Any = None
@@ -76,6 +79,7 @@ class TrainState(train_state.TrainState):
     ema_decay: float = struct.field(pytree_node=False, default=0.0)
     lookahead_steps: int = struct.field(pytree_node=False, default=0)
     lookahead_alpha: float = struct.field(pytree_node=False, default=0.5)
+    lookahead_ramp_steps: int = struct.field(pytree_node=False, default=0)
 
     def apply_gradients(self, *, grads: Any, **kwargs: Any) -> TrainState:
         new = super().apply_gradients(grads=grads, **kwargs)
@@ -93,9 +97,14 @@ class TrainState(train_state.TrainState):
         """The slow and fast weights after a step: unchanged, or synchronised where the step
         count is a multiple of ``lookahead_steps``. A ``lax.cond``, so that only the sync steps
         compute the averages: a ``jnp.where`` would compute them on every step."""
+        alpha = self.lookahead_alpha
+        if self.lookahead_ramp_steps:
+            progress = jnp.minimum(self.step / self.lookahead_ramp_steps, 1.0)
+            alpha = 1.0 - (1.0 - alpha) * progress ** 3
+
         def sync(trees: tuple) -> tuple:
             params, stats, slow_params, slow_stats = trees
-            toward = lambda slow, fast: slow + self.lookahead_alpha * (fast - slow)
+            toward = lambda slow, fast: slow + (alpha * (fast - slow)).astype(slow.dtype)
             slow_params = jax.tree.map(toward, slow_params, params)
             slow_stats = jax.tree.map(toward, slow_stats, stats)
             return slow_params, slow_stats, slow_params, slow_stats
@@ -117,7 +126,7 @@ class TrainState(train_state.TrainState):
 
 def create_state(model: nn.Module, variables: dict, tx: optax.GradientTransformation,
                  ema_decay: float = 0.0, lookahead_steps: int = 0,
-                 lookahead_alpha: float = 0.5) -> TrainState:
+                 lookahead_alpha: float = 0.5, lookahead_ramp_steps: int = 0) -> TrainState:
     """The state at step 0; the EMA and the slow weights (where kept) start at ``variables``."""
     params, batch_stats = variables["params"], variables.get("batch_stats", {})
     copy = lambda kept, tree: jax.tree.map(jnp.copy, tree) if kept else {}
@@ -127,7 +136,8 @@ def create_state(model: nn.Module, variables: dict, tx: optax.GradientTransforma
                              slow_params=copy(lookahead_steps, params),
                              slow_batch_stats=copy(lookahead_steps, batch_stats),
                              ema_decay=ema_decay, lookahead_steps=lookahead_steps,
-                             lookahead_alpha=lookahead_alpha)
+                             lookahead_alpha=lookahead_alpha,
+                             lookahead_ramp_steps=lookahead_ramp_steps)
 
 
 def _apply_train(state: TrainState, params: Any, images: jax.Array, rng: jax.Array,
