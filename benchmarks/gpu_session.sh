@@ -20,7 +20,7 @@
 # taken back alone (translation by 4, or by 2 as in the proxy's "light" recipe, which full
 # width may need more; learned BN scales at 4x: bn-scale; plain BatchNorm, and with it ReLU
 # and learned scales: crop0, the proxy's recipe before ghost BatchNorm), airbench's BN-bias
-# rate (bn-lr64), and the step-size
+# rate (bn-lr64) and lookahead with airbench's ramp (la5-ramp), and the step-size
 # combinations the screen pointed at; every run also reports flip+translate test-time
 # augmentation at the end (--tta, beside the plain figures).
 set -uo pipefail
@@ -59,7 +59,7 @@ declare -A VARIANTS=(
   [crop0]="--ghost-batch-size 0 --activation relu --bn-scale"
   [cutout12]="--cutout 12"
   [keller]="--learning-rate 0.2 $OLD --pad-mode reflect --cutout 12 | --label-smoothing 0"
-  [lr3.2-ema0.99]="--learning-rate 3.2 --ema-decay 0.99"
+  [la5-ramp]="--lookahead-steps 5 --lookahead-alpha 0.226 --lookahead-ramp"
 )
 COMMON="--validation 5000 --tta flip_translate"
 if [ "${KD_SMOKE:-0}" = 1 ]; then
