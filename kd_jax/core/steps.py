@@ -67,8 +67,8 @@ class TrainState(train_state.TrainState):
     ones, and the fast ones restart from there; the optimizer's momentum carries on. The
     fast weights are the trained model (the EMA, if kept, averages them). With
     ``lookahead_ramp_steps = T > 0`` the fraction moved at step ``t`` is airbench94's ramp,
-    ``1 - (1 - lookahead_alpha) (t / T)^3``: no averaging early, where Zhang's constant alpha
-    slows the fast progress of the high learning rates, and the most at the end.
+    ``1 - (1 - lookahead_alpha) (t / T)^3``: almost no averaging while the learning rate is high,
+    and the most at the end.
     """
 
     batch_stats: Any = None
