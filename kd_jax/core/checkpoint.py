@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import re
+import sys
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -107,6 +109,7 @@ class RunCheckpoints:
                 restored = self.latest.restore(step, args=args)
             except Exception as e:  # orbax raises many kinds of errors for damaged files
                 damaged[step] = type(e).__name__
+                ignore_late_reads()
                 continue
             path = self._step_path(step)
             for bad in damaged:
@@ -147,6 +150,37 @@ class RunCheckpoints:
                 failure = failure or e
         if failure is not None:
             raise failure
+
+
+def ignore_late_reads() -> None:
+    """Keep the reads a failed restore left behind from printing a traceback.
+
+    orbax restores inside ``asyncio.run``: the first damaged file ends it and closes its event
+    loop while tensorstore still reads the other files. A read that completes after that
+    reports to the closed loop, and the ``RuntimeError: Event loop is closed`` it meets goes
+    to ``sys.unraisablehook``, which prints it to stderr, at any moment, under a run that has
+    already moved on. Exactly that error is dropped; every other one goes to the hook that was
+    there before. Installed once, from the first failed restore on.
+    """
+    if getattr(sys.unraisablehook, "ignores_late_reads", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if not _is_late_read(unraisable):
+            previous(unraisable)
+
+    hook.ignores_late_reads = True
+    sys.unraisablehook = hook
+
+
+def _is_late_read(unraisable: Any) -> bool:
+    """Whether ``unraisable`` is a completion reported to an event loop already closed."""
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+        return False
+    frames = [frame.f_code.co_name for frame, _ in traceback.walk_tb(unraisable.exc_traceback)]
+    return "call_soon_threadsafe" in frames
 
 
 @dataclass(frozen=True)
@@ -253,6 +287,7 @@ def load_frozen(workdir: str | Path) -> FrozenModel:
             restored = manager.restore(step, args=ocp.args.Composite(
                 default=ocp.args.StandardRestore(target)))["default"]
     except Exception as e:  # orbax raises many kinds of errors for damaged files
+        ignore_late_reads()
         raise KdError(f"{path}: corrupt or unreadable checkpoint ({type(e).__name__})") from None
     # A run that kept a weight average evaluated it: that is the trained model.
     averaged = bool(restored.get("ema_params"))
