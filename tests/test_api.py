@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -136,6 +137,23 @@ def test_wrong_calls_are_one_line_errors(call, message):
     with pytest.raises(KdError) as error:
         call(images, labels, teacher)
     assert str(error.value).endswith(message)
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    (dict(lookahead_ramp=True), "lookahead_ramp needs lookahead_steps > 0"),
+    (dict(lookahead_steps=5, lookahead_alpha=0), "lookahead_alpha must be in (0, 1], got 0"),
+    (dict(ema_decay=1.0), "ema_decay must be in [0, 1), got 1.0"),
+    (dict(learning_rate=0), "learning_rate must be > 0, got 0"),
+    (dict(lr_decay_epochs=(5,)), "lr_decay_epochs needs lr_schedule step"),
+])
+def test_a_bad_recipe_is_a_one_line_error_when_made(settings, message):
+    """A library user's recipe is checked as the CLI's flags are (one check_recipe), whether
+    made or derived with dataclasses.replace, before anything trains on it."""
+    with pytest.raises(KdError) as made:
+        kd_jax.Recipe(**settings)
+    with pytest.raises(KdError) as derived:
+        dataclasses.replace(kd_jax.Recipe(), **settings)
+    assert str(made.value) == str(derived.value) == message
 
 
 def readme_example() -> str:

@@ -411,8 +411,9 @@ def test_reads_left_by_a_failed_restore_print_nothing(monkeypatch):
     """orbax's first damaged file ends its event loop while tensorstore still reads the rest;
     a read completing later meets ``Event loop is closed`` in ``call_soon_threadsafe``, which
     reached stderr as a traceback under a resumed run (a CI failure of the test above; 27 of
-    800 failed restores of a 60-array checkpoint left one, in a trial here). Exactly that report is dropped; any other, even with the
-    same words, goes to the hook that was there before, and a second install chains nothing."""
+    800 failed restores of a 60-array checkpoint left one, in a trial here). Exactly that
+    report is dropped; any other, even with the same words, goes to the hook that was there
+    before, and a second install chains nothing."""
     passed_on = []
     monkeypatch.setattr(sys, "unraisablehook", passed_on.append)
     closed = asyncio.new_event_loop()

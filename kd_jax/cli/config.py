@@ -18,7 +18,7 @@ from kd_jax.core.augment import PAD_MODES, TTA_MODES
 from kd_jax.core.features import FEATURE_LOSSES, FeatureLoss, make_feature_loss
 from kd_jax.core.losses import LOSSES, DistillLoss, make_loss
 from kd_jax.core.models import model_takes
-from kd_jax.core.optim import LR_SCHEDULES
+from kd_jax.core.optim import check_recipe
 from kd_jax.core.teachers import COMBINE, LAYOUTS
 from kd_jax.errors import KdError
 
@@ -103,22 +103,8 @@ class RunConfig:
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.eval_batch_size >= 1,
              f"eval_batch_size must be >= 1, got {self.eval_batch_size}"),
-            (self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}"),
-            (0 <= self.warmup_fraction < 1,
-             f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}"),
-            (self.final_lr_factor >= 0,
-             f"final_lr_factor must be >= 0, got {self.final_lr_factor}"),
-            *((getattr(self, name) is None or getattr(self, name) >= 0,
-               f"{name} must be >= 0, got {getattr(self, name)}")
-              for name in ("bn_lr_factor", "head_lr_factor", "bias_lr_factor",
-                           "bn_weight_decay", "cutout", "whiten_patch")),
-            (0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}"),
-            (self.lookahead_steps >= 0,
-             f"lookahead_steps must be >= 0, got {self.lookahead_steps}"),
-            (0 < self.lookahead_alpha <= 1,
-             f"lookahead_alpha must be in (0, 1], got {self.lookahead_alpha}"),
-            (self.lookahead_steps > 0 or not self.lookahead_ramp,
-             "lookahead_ramp needs lookahead_steps > 0"),
+            (self.cutout >= 0, f"cutout must be >= 0, got {self.cutout}"),
+            (self.whiten_patch >= 0, f"whiten_patch must be >= 0, got {self.whiten_patch}"),
             (self.pad_mode in PAD_MODES,
              f"pad_mode must be {' or '.join(PAD_MODES)}, got {self.pad_mode!r}"),
             (self.tta in TTA_MODES, f"tta must be one of {', '.join(TTA_MODES)}, got {self.tta!r}"),
@@ -129,13 +115,10 @@ class RunConfig:
             (not self.ghost_batch_size or self.batch_size % self.ghost_batch_size == 0,
              f"ghost_batch_size {self.ghost_batch_size} must divide batch_size "
              f"{self.batch_size}"),
-            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
-            (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
             (self.crop_pad >= 0, f"crop_pad must be >= 0, got {self.crop_pad}"),
             (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
             (0 <= self.input_dropout < 1,
              f"input_dropout must be in [0, 1), got {self.input_dropout}"),
-            (self.max_norm >= 0, f"max_norm must be >= 0, got {self.max_norm}"),
             (self.validation >= 0, f"validation must be >= 0, got {self.validation}"),
             (self.steps_per_dispatch >= 0,
              f"steps_per_dispatch must be >= 0, got {self.steps_per_dispatch}"),
@@ -144,18 +127,11 @@ class RunConfig:
             (self.dtype in ("auto", "float32", "bfloat16"),
              f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}"),
             (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other"),
-            (self.lr_schedule in LR_SCHEDULES,
-             f"lr_schedule must be {' or '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}"),
-            (self.lr_schedule == "step" or not self.lr_decay_epochs,
-             "lr_decay_epochs needs lr_schedule step"),
-            (self.lr_schedule == "linear" or not self.final_lr_factor,
-             "final_lr_factor needs lr_schedule linear"),
-            (0 < self.lr_decay_factor <= 1,
-             f"lr_decay_factor must be in (0, 1], got {self.lr_decay_factor}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise KdError(message)
+        check_recipe(self)
         decay_epochs(self.lr_decay_epochs)
 
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from kd_jax.errors import KdError
 
 
 def max_norm(limit: float) -> optax.GradientTransformation:
@@ -80,8 +83,51 @@ class Recipe:
     lr_decay_factor: float = 0.1  # "step": what it is multiplied by at each
     nesterov: bool = True  # False: PyTorch's default (heavy-ball) momentum
 
+    def __post_init__(self) -> None:
+        check_recipe(self)
+
 
 LR_SCHEDULES = ("linear", "step")
+
+
+def check_recipe(settings: Any) -> None:
+    """Raise ``KdError`` for the first of :class:`Recipe`'s settings that cannot work.
+
+    ``settings`` is anything with Recipe's fields as attributes: a Recipe, which checks itself
+    when made (a library user's bad value is one line, not a silent or a deep failure), or the
+    CLI's config, which checks them before it opens a workdir. A factor left None there (the
+    CLI fills it in per model) passes.
+    """
+    s = settings
+    checks = [
+        (s.learning_rate > 0, f"learning_rate must be > 0, got {s.learning_rate}"),
+        (0 <= s.warmup_fraction < 1,
+         f"warmup_fraction must be in [0, 1), got {s.warmup_fraction}"),
+        (s.final_lr_factor >= 0, f"final_lr_factor must be >= 0, got {s.final_lr_factor}"),
+        *((getattr(s, name) is None or getattr(s, name) >= 0,
+           f"{name} must be >= 0, got {getattr(s, name)}")
+          for name in ("bn_lr_factor", "head_lr_factor", "bias_lr_factor", "bn_weight_decay")),
+        (0 <= s.ema_decay < 1, f"ema_decay must be in [0, 1), got {s.ema_decay}"),
+        (s.lookahead_steps >= 0, f"lookahead_steps must be >= 0, got {s.lookahead_steps}"),
+        (0 < s.lookahead_alpha <= 1,
+         f"lookahead_alpha must be in (0, 1], got {s.lookahead_alpha}"),
+        (s.lookahead_steps > 0 or not s.lookahead_ramp,
+         "lookahead_ramp needs lookahead_steps > 0"),
+        (s.weight_decay >= 0, f"weight_decay must be >= 0, got {s.weight_decay}"),
+        (0 <= s.momentum < 1, f"momentum must be in [0, 1), got {s.momentum}"),
+        (s.max_norm >= 0, f"max_norm must be >= 0, got {s.max_norm}"),
+        (s.lr_schedule in LR_SCHEDULES,
+         f"lr_schedule must be {' or '.join(LR_SCHEDULES)}, got {s.lr_schedule!r}"),
+        (s.lr_schedule == "step" or not s.lr_decay_epochs,
+         "lr_decay_epochs needs lr_schedule step"),
+        (s.lr_schedule == "linear" or not s.final_lr_factor,
+         "final_lr_factor needs lr_schedule linear"),
+        (0 < s.lr_decay_factor <= 1,
+         f"lr_decay_factor must be in (0, 1], got {s.lr_decay_factor}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise KdError(message)
 
 
 def step_decay(peak: float, boundaries: Sequence[int], factor: float) -> optax.Schedule:
@@ -100,15 +146,12 @@ def make_schedule(recipe: Recipe, total_steps: int,
     if recipe.lr_schedule == "linear":
         decay = optax.linear_schedule(peak, peak * recipe.final_lr_factor,
                                       total_steps - warmup_steps)
-    elif recipe.lr_schedule == "step":
+    else:  # "step": a Recipe holds one of LR_SCHEDULES (check_recipe)
         if not steps_per_epoch:
             raise ValueError("a step schedule needs steps_per_epoch")
         # join_schedules hands the second schedule the steps since the warmup ended.
         decay = step_decay(peak, [e * steps_per_epoch - warmup_steps
                                   for e in recipe.lr_decay_epochs], recipe.lr_decay_factor)
-    else:
-        raise ValueError(f"lr_schedule must be {' or '.join(LR_SCHEDULES)}, "
-                         f"got {recipe.lr_schedule!r}")
     return optax.join_schedules([warmup, decay], [warmup_steps])
 
 
