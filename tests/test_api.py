@@ -145,6 +145,7 @@ def test_wrong_calls_are_one_line_errors(call, message):
     (dict(ema_decay=1.0), "ema_decay must be in [0, 1), got 1.0"),
     (dict(learning_rate=0), "learning_rate must be > 0, got 0"),
     (dict(lr_decay_epochs=(5,)), "lr_decay_epochs needs lr_schedule step"),
+    (dict(bn_lr_factor=None), "bn_lr_factor must be >= 0, got None"),  # the CLI's "unset"
 ])
 def test_a_bad_recipe_is_a_one_line_error_when_made(settings, message):
     """A library user's recipe is checked as the CLI's flags are (one check_recipe), whether

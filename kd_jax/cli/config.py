@@ -131,7 +131,7 @@ class RunConfig:
         for ok, message in checks:
             if not ok:
                 raise KdError(message)
-        check_recipe(self)
+        check_recipe(self, unset=("bn_lr_factor",))  # with_model_recipe fills it in
         decay_epochs(self.lr_decay_epochs)
 
 

@@ -90,22 +90,27 @@ class Recipe:
 LR_SCHEDULES = ("linear", "step")
 
 
-def check_recipe(settings: Any) -> None:
+def check_recipe(settings: Any, unset: tuple[str, ...] = ()) -> None:
     """Raise ``KdError`` for the first of :class:`Recipe`'s settings that cannot work.
 
     ``settings`` is anything with Recipe's fields as attributes: a Recipe, which checks itself
     when made (a library user's bad value is one line, not a silent or a deep failure), or the
-    CLI's config, which checks them before it opens a workdir. A factor left None there (the
-    CLI fills it in per model) passes.
+    CLI's config, which checks them before it opens a workdir. ``unset`` names the fields that
+    may still be None there because the caller fills them in later (the CLI, per model); a
+    Recipe names none, so every field of a Recipe holds a value.
     """
     s = settings
+
+    def non_negative(name: str) -> bool:
+        value = getattr(s, name)
+        return name in unset if value is None else value >= 0
+
     checks = [
         (s.learning_rate > 0, f"learning_rate must be > 0, got {s.learning_rate}"),
         (0 <= s.warmup_fraction < 1,
          f"warmup_fraction must be in [0, 1), got {s.warmup_fraction}"),
         (s.final_lr_factor >= 0, f"final_lr_factor must be >= 0, got {s.final_lr_factor}"),
-        *((getattr(s, name) is None or getattr(s, name) >= 0,
-           f"{name} must be >= 0, got {getattr(s, name)}")
+        *((non_negative(name), f"{name} must be >= 0, got {getattr(s, name)}")
           for name in ("bn_lr_factor", "head_lr_factor", "bias_lr_factor", "bn_weight_decay")),
         (0 <= s.ema_decay < 1, f"ema_decay must be in [0, 1), got {s.ema_decay}"),
         (s.lookahead_steps >= 0, f"lookahead_steps must be >= 0, got {s.lookahead_steps}"),
