@@ -90,6 +90,8 @@ def torch_runtime(model: InferenceModel, threads: int) -> Runtime | str:
     """The PyTorch twin with the run's weights, or why there is none."""
     if model.frozen.config.get("whiten_patch"):
         return "the PyTorch twin has no whitening layer: no PyTorch row"
+    if model.frozen.config.get("logit_scale", 1.0) != 1:
+        return "the PyTorch twin has no logit scale: no PyTorch row"
     try:
         import torch
     except ImportError:

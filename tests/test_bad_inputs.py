@@ -251,6 +251,8 @@ def test_corrupt_config_json_on_resume(capsys, existing, data_dir):
      "lr_decay_factor must be in (0, 1], got 0.0"),
     (["--model", "wrn_40_2", "--whiten-patch", "2"],
      "wrn_40_2 does not take whiten_patch (set to 2)"),
+    (["--logit-scale", "0"], "logit_scale must be > 0, got 0.0"),
+    (["--model", "vgg8", "--logit-scale", "0.5"], "vgg8 does not take logit_scale (set to 0.5)"),
     (["--activation", "tanh"], "unknown activation 'tanh'; choose one of: relu, gelu, silu"),
     (["--lookahead-steps", "-1"], "lookahead_steps must be >= 0, got -1"),
     (["--lookahead-steps", "5", "--lookahead-alpha", "0"],

@@ -455,12 +455,13 @@ def test_report_without_torch_skips_its_row_with_a_note(teacher_run, data_dir, m
         "PyTorch is not installed: no PyTorch rows (pip install torch)")
 
 
-def test_report_has_no_torch_row_for_a_net_the_twin_cannot_compute(teacher_run, data_dir,
-                                                                   monkeypatch):
+@pytest.mark.parametrize(("option", "value", "missing"), [
+    ("whiten_patch", 2, "whitening layer"), ("logit_scale", 1 / 9, "logit scale")])
+def test_report_has_no_torch_row_for_a_net_the_twin_cannot_compute(
+        teacher_run, data_dir, monkeypatch, option, value, missing):
     model = export.load_inference_model(teacher_run, data_dir)
-    monkeypatch.setitem(model.frozen.config, "whiten_patch", 2)
-    assert report.torch_runtime(model, 1) == (
-        "the PyTorch twin has no whitening layer: no PyTorch row")
+    monkeypatch.setitem(model.frozen.config, option, value)
+    assert report.torch_runtime(model, 1) == f"the PyTorch twin has no {missing}: no PyTorch row"
 
 
 def test_report_puts_int8_torch_and_jax_beside_float(teacher_run, int8_export, data_dir,

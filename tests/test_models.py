@@ -243,6 +243,18 @@ def test_zoo_options():
         create_model("vgg8", 10, dropout=0.5)
 
 
+def test_logit_scale_multiplies_the_heads_output_and_adds_no_parameter():
+    """airbench's 1/9: the same weights give the plain net's logits times the scale."""
+    images = np.random.default_rng(0).normal(size=(3, 32, 32, 3)).astype(np.float32)
+    plain, scaled = create_model("resnet8", 10, 4), create_model("resnet8", 10, 4,
+                                                                  logit_scale=1 / 9)
+    variables = plain.init(jax.random.PRNGKey(0), images)
+    assert jax.tree.structure(scaled.init(jax.random.PRNGKey(0), images)) == \
+        jax.tree.structure(variables)
+    np.testing.assert_allclose(scaled.apply(variables, images),
+                               np.asarray(plain.apply(variables, images)) / 9, rtol=1e-5)
+
+
 @pytest.mark.parametrize(("name", "options", "nonlinearities"), [
     ("resnet8", {}, 1 + 2 * 3), ("resnet8", {"whiten_patch": 2}, 2 + 2 * 3),
     ("wrn_16_2", {}, 2 * 6 + 1), ("vgg8", {}, 5),

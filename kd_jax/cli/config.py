@@ -84,6 +84,7 @@ class RunConfig:
     # nets, and the ReLU MLPs have built in (see with_model_recipe).
     activation: str | None = None
     whiten_patch: int = 0  # > 0: a frozen PCA-whitening layer of this patch size before the stem
+    logit_scale: float = 1.0  # ResNets: multiplies the head's output (airbench: 1/9)
     dropout: float = 0.0  # MLPs: dropout rate of hidden units (Hinton et al. 2012: 0.5)
     input_dropout: float = 0.0  # MLPs: dropout rate of input pixels (Hinton et al. 2012: 0.2)
     max_norm: float = 0.0  # > 0: cap each unit's incoming weight norm after every update
@@ -105,6 +106,7 @@ class RunConfig:
              f"eval_batch_size must be >= 1, got {self.eval_batch_size}"),
             (self.cutout >= 0, f"cutout must be >= 0, got {self.cutout}"),
             (self.whiten_patch >= 0, f"whiten_patch must be >= 0, got {self.whiten_patch}"),
+            (self.logit_scale > 0, f"logit_scale must be > 0, got {self.logit_scale}"),
             (self.pad_mode in PAD_MODES,
              f"pad_mode must be {' or '.join(PAD_MODES)}, got {self.pad_mode!r}"),
             (self.tta in TTA_MODES, f"tta must be one of {', '.join(TTA_MODES)}, got {self.tta!r}"),
