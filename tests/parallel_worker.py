@@ -143,6 +143,11 @@ def main() -> None:
         # run_processes) still ends a hung pair.
         jax.distributed.initialize(f"localhost:{a.port}", a.num_processes, a.process_id,
                                    shutdown_timeout_seconds=600)
+        # Gloo builds its context at the first collective and waits only 30 s (fixed in
+        # jaxlib, not settable here) for the other process to join; before the training
+        # step's first collective, each process compiles for a time that differs on a loaded
+        # machine. A collective now, right after initialize, builds it while both are in step.
+        multihost_utils.sync_global_devices("gloo context")
     devices = jax.devices()[: a.devices or None]
     mesh = Mesh(np.array(devices), ("data",))
     out = {"devices": len(devices), "processes": jax.process_count()}
