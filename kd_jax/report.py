@@ -49,7 +49,7 @@ import numpy as np
 from kd_jax import quantize
 from kd_jax.core import metrics
 from kd_jax.core.devices import cpu_cores
-from kd_jax.core.models import count_params
+from kd_jax.core.models import count_params, model_options
 from kd_jax.core.rundir import format_table
 from kd_jax.errors import KdError, run_guarded
 from kd_jax.export import FORMATS, InferenceModel, check_set, export_model, load_inference_model
@@ -88,9 +88,10 @@ def jax_runtime(model: InferenceModel) -> Runtime:
 
 def torch_runtime(model: InferenceModel, threads: int) -> Runtime | str:
     """The PyTorch twin with the run's weights, or why there is none."""
-    if model.frozen.config.get("whiten_patch"):
+    options = model_options(model.frozen.config)
+    if options["whiten_patch"]:
         return "the PyTorch twin has no whitening layer: no PyTorch row"
-    if model.frozen.config.get("logit_scale", 1.0) != 1:
+    if options["logit_scale"] != 1:
         return "the PyTorch twin has no logit scale: no PyTorch row"
     try:
         import torch
@@ -102,8 +103,7 @@ def torch_runtime(model: InferenceModel, threads: int) -> Runtime | str:
         return f"{model.name} has no PyTorch twin: no PyTorch row"
     torch.set_num_threads(threads)
     net = torch_resnet.from_flax(model.name, model.width, model.frozen.variables,
-                                 model.frozen.config.get("bn_epsilon", 1e-5),
-                                 model.frozen.config.get("activation", "relu"))
+                                 options["bn_epsilon"], options["activation"])
     mean, std = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1)
                  for v in (model.dataset.mean, model.dataset.std))
 
