@@ -12,6 +12,7 @@ folder, resnet8 at width 4, batch 32: 10 steps an epoch, 2 epochs.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import re
 import shutil
@@ -40,9 +41,9 @@ import kd_jax
 from kd_jax.cli.config import TeacherConfig
 from kd_jax.cli.jobs import train_teacher
 from kd_jax.cli.main import main
-from kd_jax.core.checkpoint import ignore_late_reads
+from kd_jax.core.checkpoint import _writing, ignore_late_completions
 from kd_jax.core.rundir import RunDir
-from kd_jax.errors import KdError
+from kd_jax.errors import KdError, WriteFailed
 
 pytestmark = pytest.mark.slow
 
@@ -407,6 +408,22 @@ def _unraisable(error: BaseException) -> SimpleNamespace:
                            exc_traceback=error.__traceback__, err_msg=None, object=None)
 
 
+def test_a_failed_write_drops_the_late_completions_too(monkeypatch, tmp_path):
+    """A full disk ends orbax's save loop while tensorstore still writes the other files: the
+    same ``Event loop is closed`` report printed a traceback before the one-line error (a CI
+    failure of test_full_disk_stops_in_one_line_and_resumes_once_freed, under load)."""
+    passed_on = []
+    monkeypatch.setattr(sys, "unraisablehook", passed_on.append)
+    closed = asyncio.new_event_loop()
+    closed.close()
+    with pytest.raises(RuntimeError) as late:
+        closed.call_soon_threadsafe(print)
+    with pytest.raises(WriteFailed), _writing(tmp_path / "20"):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    sys.unraisablehook(_unraisable(late.value))
+    assert passed_on == []
+
+
 def test_reads_left_by_a_failed_restore_print_nothing(monkeypatch):
     """orbax's first damaged file ends its event loop while tensorstore still reads the rest;
     a read completing later meets ``Event loop is closed`` in ``call_soon_threadsafe``, which
@@ -424,9 +441,9 @@ def test_reads_left_by_a_failed_restore_print_nothing(monkeypatch):
         raise RuntimeError("Event loop is closed")
     with pytest.raises(ValueError) as other:
         raise ValueError("boom")
-    ignore_late_reads()
+    ignore_late_completions()
     installed = sys.unraisablehook
-    ignore_late_reads()
+    ignore_late_completions()
     assert sys.unraisablehook is installed
     for error in (late.value, elsewhere.value, other.value):
         sys.unraisablehook(_unraisable(error))

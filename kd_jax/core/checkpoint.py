@@ -109,7 +109,7 @@ class RunCheckpoints:
                 restored = self.latest.restore(step, args=args)
             except Exception as e:  # orbax raises many kinds of errors for damaged files
                 damaged[step] = type(e).__name__
-                ignore_late_reads()
+                ignore_late_completions()
                 continue
             path = self._step_path(step)
             for bad in damaged:
@@ -152,29 +152,30 @@ class RunCheckpoints:
             raise failure
 
 
-def ignore_late_reads() -> None:
-    """Keep the reads a failed restore left behind from printing a traceback.
+def ignore_late_completions() -> None:
+    """Keep the reads and writes a failed restore or save left behind from printing a traceback.
 
-    orbax restores inside ``asyncio.run``: the first damaged file ends it and closes its event
-    loop while tensorstore still reads the other files. A read that completes after that
-    reports to the closed loop, and the ``RuntimeError: Event loop is closed`` it meets goes
-    to ``sys.unraisablehook``, which prints it to stderr, at any moment, under a run that has
-    already moved on. Exactly that error is dropped; every other one goes to the hook that was
-    there before. Installed once, from the first failed restore on.
+    orbax restores and saves inside ``asyncio.run``: the first damaged file, or the first
+    write the disk refuses, ends it and closes its event loop while tensorstore still reads or
+    writes the other files. One that completes after that reports to the closed loop, and the
+    ``RuntimeError: Event loop is closed`` it meets goes to ``sys.unraisablehook``, which
+    prints it to stderr, at any moment, before or after the run's one-line error. Exactly that
+    error is dropped; every other one goes to the hook that was there before. Installed once,
+    from the first failed restore or write on.
     """
-    if getattr(sys.unraisablehook, "ignores_late_reads", False):
+    if getattr(sys.unraisablehook, "ignores_late_completions", False):
         return
     previous = sys.unraisablehook
 
     def hook(unraisable: Any) -> None:
-        if not _is_late_read(unraisable):
+        if not _is_late_completion(unraisable):
             previous(unraisable)
 
-    hook.ignores_late_reads = True
+    hook.ignores_late_completions = True
     sys.unraisablehook = hook
 
 
-def _is_late_read(unraisable: Any) -> bool:
+def _is_late_completion(unraisable: Any) -> bool:
     """Whether ``unraisable`` is a completion reported to an event loop already closed."""
     error = unraisable.exc_value
     if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
@@ -214,6 +215,7 @@ def _writing(path: Path) -> Iterator[None]:
         reason = _os_error(e)
         if reason is None:
             raise
+        ignore_late_completions()
         raise WriteFailed(path, reason) from e
 
 
@@ -287,7 +289,7 @@ def load_frozen(workdir: str | Path) -> FrozenModel:
             restored = manager.restore(step, args=ocp.args.Composite(
                 default=ocp.args.StandardRestore(target)))["default"]
     except Exception as e:  # orbax raises many kinds of errors for damaged files
-        ignore_late_reads()
+        ignore_late_completions()
         raise KdError(f"{path}: corrupt or unreadable checkpoint ({type(e).__name__})") from None
     # A run that kept a weight average evaluated it: that is the trained model.
     averaged = bool(restored.get("ema_params"))
