@@ -45,6 +45,7 @@ class RunCheckpoints:
 
     def __init__(self, workdir: str | Path, keep_latest: int = 2):
         root = Path(workdir).absolute() / "checkpoints"
+        ignore_late_completions()
         # cleanup_tmp_directories: a process killed mid-write leaves a temporary folder behind.
         # A checkpoint's folder is created before save returns, not in the background: when
         # orbax's background creation fails (read-only, full), its writer threads wait 20
@@ -109,7 +110,6 @@ class RunCheckpoints:
                 restored = self.latest.restore(step, args=args)
             except Exception as e:  # orbax raises many kinds of errors for damaged files
                 damaged[step] = type(e).__name__
-                ignore_late_completions()
                 continue
             path = self._step_path(step)
             for bad in damaged:
@@ -160,8 +160,10 @@ def ignore_late_completions() -> None:
     writes the other files. One that completes after that reports to the closed loop, and the
     ``RuntimeError: Event loop is closed`` it meets goes to ``sys.unraisablehook``, which
     prints it to stderr, at any moment, before or after the run's one-line error. Exactly that
-    error is dropped; every other one goes to the hook that was there before. Installed once,
-    from the first failed restore or write on.
+    error is dropped; every other one goes to the hook that was there before. Installed once:
+    by the first :class:`RunCheckpoints`, before any write (orbax saves in a background
+    thread, so a late report can come before the failure reaches the caller), and by
+    :func:`load_frozen` when its restore fails.
     """
     if getattr(sys.unraisablehook, "ignores_late_completions", False):
         return
@@ -215,7 +217,6 @@ def _writing(path: Path) -> Iterator[None]:
         reason = _os_error(e)
         if reason is None:
             raise
-        ignore_late_completions()
         raise WriteFailed(path, reason) from e
 
 
