@@ -407,20 +407,13 @@ def _unraisable(error: BaseException) -> SimpleNamespace:
                            exc_traceback=error.__traceback__, err_msg=None, object=None)
 
 
-def test_a_run_checkpoints_drops_late_completions_before_any_write(monkeypatch, tmp_path):
-    """A full disk ends orbax's save loop (in its background thread) while tensorstore still
-    writes the other files: the same ``Event loop is closed`` report printed a traceback before
-    the one-line error (a CI failure of test_full_disk_stops_in_one_line_and_resumes_once_freed,
-    under load), so the filter is in place from the moment a run can write."""
-    passed_on = []
-    monkeypatch.setattr(sys, "unraisablehook", passed_on.append)
+def _late_completion() -> RuntimeError:
+    """The error a completion reported to an event loop already closed meets."""
     closed = asyncio.new_event_loop()
     closed.close()
     with pytest.raises(RuntimeError) as late:
         closed.call_soon_threadsafe(print)
-    RunCheckpoints(tmp_path)
-    sys.unraisablehook(_unraisable(late.value))
-    assert passed_on == []
+    return late.value
 
 
 def test_reads_left_by_a_failed_restore_print_nothing(monkeypatch):
@@ -432,10 +425,7 @@ def test_reads_left_by_a_failed_restore_print_nothing(monkeypatch):
     before, and a second install chains nothing."""
     passed_on = []
     monkeypatch.setattr(sys, "unraisablehook", passed_on.append)
-    closed = asyncio.new_event_loop()
-    closed.close()
-    with pytest.raises(RuntimeError) as late:
-        closed.call_soon_threadsafe(print)
+    late = _late_completion()
     with pytest.raises(RuntimeError) as elsewhere:
         raise RuntimeError("Event loop is closed")
     with pytest.raises(ValueError) as other:
@@ -444,6 +434,18 @@ def test_reads_left_by_a_failed_restore_print_nothing(monkeypatch):
     installed = sys.unraisablehook
     ignore_late_completions()
     assert sys.unraisablehook is installed
-    for error in (late.value, elsewhere.value, other.value):
+    for error in (late, elsewhere.value, other.value):
         sys.unraisablehook(_unraisable(error))
     assert [u.exc_value for u in passed_on] == [elsewhere.value, other.value]
+
+
+def test_a_run_checkpoints_drops_late_completions_before_any_write(monkeypatch, tmp_path):
+    """A full disk ends orbax's save loop (in its background thread) while tensorstore still
+    writes the other files: the same ``Event loop is closed`` report printed a traceback before
+    the one-line error (a CI failure of test_full_disk_stops_in_one_line_and_resumes_once_freed,
+    under load), so the filter is in place from the moment a run can write."""
+    passed_on = []
+    monkeypatch.setattr(sys, "unraisablehook", passed_on.append)
+    RunCheckpoints(tmp_path)
+    sys.unraisablehook(_unraisable(_late_completion()))
+    assert passed_on == []
